@@ -1,0 +1,36 @@
+# Every target bootstraps .venv itself from pyproject.toml + constraints.txt,
+# so a fresh clone needs nothing but Python >= 3.11 and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test notebooks bench lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; sys.exit("refimpl needs Python >= 3.11") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,notebooks,peers]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/refimpl serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pytest --nbmake notebooks
+
+bench: $(STAMP)
+	$(BIN)/refimpl bench
+
+# Re-pin every dependency to what resolves today (commit the result).
+lock:
+	rm -rf /tmp/refimpl-lock && $(PYTHON) -m venv /tmp/refimpl-lock
+	/tmp/refimpl-lock/bin/pip install --quiet -e '.[dev,notebooks,peers]'
+	/tmp/refimpl-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,134 @@
+"""``create_app(config)``: one Quart-Trio app, one port, every protocol.
+
+Strategy
+--------
+This module only *assembles*: it builds the shared pieces (the backend, the
+:class:`~refimpl.engine.Engine`, the metrics) and lets each protocol module
+register its routes on the app.  The small endpoints that every protocol
+shares live here too: ``GET /v1/models``, ``GET /metrics`` (Prometheus text),
+``GET /v1/debug/generations/{id}`` (one generation's trace, the way tests,
+lessons and notebooks observe the server), and ``GET /`` (the demo page).
+
+Errors before a stream starts all leave through the handlers below in the
+OpenAI error shape (``patterns/errors.py``): our own :class:`APIError`, the
+framework's HTTP errors (404 unknown path, 405 wrong method, 413 body too
+large), and, as a last resort, any unexpected exception as a 500 with no
+traceback in the body.
+
+:func:`serve` runs the app on hypercorn's trio worker; the test fixture and
+``refimpl serve`` both use it, so tests exercise exactly what users run.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Any, Awaitable, Callable
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .config import Config
+from .engine import Engine
+from .metrics import Metrics
+from .model import Backend, SimulatedModel
+from .patterns.errors import APIError, error_body
+from .protocols import sse_chat
+
+log = logging.getLogger("refimpl")
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(sse_chat.dumps(body), status, content_type="application/json")
+
+
+def create_app(config: Config | None = None, backend: Backend | None = None) -> QuartTrio:
+    config = config or Config()
+    app = QuartTrio("refimpl")
+    app.config["REFIMPL"] = config
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    engine = Engine(backend or SimulatedModel(), Metrics(), max_active=config.max_active)
+    app.extensions["refimpl.engine"] = engine
+
+    sse_chat.register(app, engine)
+
+    @app.get("/")
+    async def index() -> Response:
+        page = resources.files("refimpl.static").joinpath("index.html").read_bytes()
+        return Response(page, content_type="text/html; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        model = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "refimpl"}
+        return json_response({"object": "list", "data": [model]})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), content_type=engine.metrics.content_type)
+
+    @app.get("/v1/debug/generations/<gen_id>")
+    async def debug_generation(gen_id: str) -> Response:
+        gen = engine.get(gen_id)
+        if gen is None:
+            raise APIError(404, f"No generation with id '{gen_id}'.", code="not_found")
+        return json_response(gen.to_json())
+
+    @app.after_serving
+    async def stop_generations() -> None:
+        engine.accepting = False
+        engine.cancel_all("shutdown")
+
+    @app.errorhandler(APIError)
+    async def api_error(err: APIError) -> Response:
+        return json_response(err.body(), err.status)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        message = {
+            404: f"Unknown path: {err.description and 'no route matches this URL'}.",
+            405: "This method is not allowed on this path.",
+            413: f"The request body is larger than {config.max_body_bytes} bytes.",
+        }.get(status, err.description or err.name)
+        api = APIError(status, message, code=err.name.lower().replace(" ", "_"))
+        return json_response(api.body(), status)
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception) -> Response:
+        log.exception("unexpected error while handling a request")
+        body = error_body("The server had an error while processing your request.", "server_error", "internal_error")
+        return json_response(body, 500)
+
+    return app
+
+
+def hypercorn_config(host: str, port: int) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [f"{host}:{port}"]
+    hc.accesslog = None
+    hc.errorlog = None  # the server must not print into notebook cells
+    return hc
+
+
+async def serve(
+    app: QuartTrio,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn's trio worker; ``task_status`` gets the URL."""
+
+    async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+        await hypercorn_serve(
+            app, hypercorn_config(host, port), shutdown_trigger=shutdown_trigger, task_status=task_status
+        )
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        task_status.started(binds[0])

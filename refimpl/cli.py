@@ -1,0 +1,131 @@
+"""The ``refimpl`` command: ``serve``, ``chat`` and ``bench``.
+
+``refimpl serve`` starts the server on the simulated model; ``refimpl chat
+"prompt"`` streams one answer from it (printing tokens as they arrive, then
+TTFT, tokens/s and usage); ``refimpl bench`` measures the cost per token
+(``bench.py``).  ``python -m refimpl`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from functools import partial
+
+import httpx
+import trio
+
+from .config import Config
+from .model import Simulate
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the streaming server on the simulated model")
+    d, s = Config(), Simulate()
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--ttft-ms", type=float, default=s.ttft_ms, help="delay before the first token")
+    p.add_argument("--itl-ms", type=float, default=s.itl_ms, help="delay between tokens")
+    p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
+    p.add_argument("--heartbeat", type=float, default=d.heartbeat, help="seconds of silence before ': ping'")
+    p.add_argument("--max-active", type=int, default=d.max_active, help="concurrent generations before 429")
+    p.add_argument("--model-name", default=d.model_name)
+
+
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="stream one answer and print timings")
+    p.add_argument("prompt")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=Config().model_name)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None, help="simulate: tokens to write")
+    p.add_argument("--itl-ms", type=float, default=None, help="simulate: delay between tokens")
+    p.add_argument("--ttft-ms", type=float, default=None, help="simulate: delay before the first token")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    sim = Simulate(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, tokens=args.tokens)
+    return Config(
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        simulate=sim,
+        heartbeat=args.heartbeat,
+        max_active=args.max_active,
+    )
+
+
+async def run_server(config: Config) -> None:
+    from .app import create_app, serve
+
+    async def until_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                return
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            partial(serve, create_app(config), config.host, config.port, shutdown_trigger=until_signal)
+        )
+        print(f"refimpl is streaming on {url}  (Ctrl-C to stop)")
+        print(f"  demo page : {url}/")
+        print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
+        print(f"              -d '{{\"model\":\"{config.model_name}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'")
+        print(f"  python    : refimpl chat \"Why stream tokens?\" --url {url}")
+        print(f"  metrics   : {url}/metrics", flush=True)
+
+
+async def run_chat(args: argparse.Namespace) -> int:
+    from .client import StreamError, stream_chat
+
+    simulate = {k: v for k in ("tokens", "itl_ms", "ttft_ms") if (v := getattr(args, k)) is not None}
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}],
+            "stream_options": {"include_usage": True}}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if simulate:
+        body["simulate"] = simulate
+    start = trio.current_time()
+    first = last = None
+    n, usage = 0, None
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+            async for event in stream_chat(client, args.url, body):
+                if event.content:
+                    first = first if first is not None else event.at
+                    last, n = event.at, n + 1
+                    print(event.content, end="", flush=True)
+                usage = event.usage or usage
+    except StreamError as err:
+        print(f"\nerror: {err.error}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as err:
+        print(f"\ncannot reach {args.url}: {err}", file=sys.stderr)
+        return 1
+    print()
+    if first is None:
+        print("(no content)")
+        return 0
+    gaps = (last - first) / (n - 1) * 1000 if n > 1 else 0.0
+    rate = (n - 1) / (last - first) if n > 1 and last > first else float("inf")
+    print(f"TTFT {(first - start) * 1000:.1f} ms · {n} content chunks · "
+          f"mean ITL {gaps:.2f} ms · {rate:.0f} chunks/s · usage {usage}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="refimpl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _chat_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        trio.run(run_server, config_from_args(args))
+    elif args.command == "chat":
+        sys.exit(trio.run(run_chat, args))
+    else:
+        sys.exit(trio.run(args.run, args))

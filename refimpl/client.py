@@ -1,0 +1,81 @@
+"""Our own streaming client: httpx for the bytes, our SSE parser for events.
+
+Strategy
+--------
+The openai SDK hides the stream behind objects; this client shows every
+layer a reader needs to see once (lesson 02):
+
+1. POST the request with ``stream: true`` and read the body as it arrives
+   (``httpx`` ``aiter_raw``; no decompression or re-chunking in between);
+2. feed the raw bytes to the sans-IO :class:`~refimpl.sse.SSEParser`, which
+   handles every way the bytes may be split (the naive ``split("\\n")`` reader
+   of lesson 04 does not);
+3. turn each event into a :class:`StreamEvent`: content, the finish reason,
+   usage, an ``error`` event (raised as :class:`StreamError`), and
+   ``[DONE]``, which ends the stream.  A body that ends *without* ``[DONE]``
+   is an error too: the stream was cut short.
+
+Timestamps come from ``trio.current_time()``, so ``refimpl chat`` can print
+TTFT and tokens per second measured at the client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+import trio
+
+from .sse import SSEParser
+
+
+class StreamError(Exception):
+    """The server sent an error (before or during the stream), or cut it short."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", "stream failed"))
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    at: float  # trio.current_time() when the event was parsed
+    content: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    id: str = ""
+
+
+# region: client-stream
+async def stream_chat(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> AsyncIterator[StreamEvent]:
+    body = {**body, "stream": True}
+    async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise StreamError(json.loads(await resp.aread()).get("error", {}))
+        parser = SSEParser()
+        async for raw in resp.aiter_raw():
+            for event in parser.feed(raw):
+                if event.data == "[DONE]":
+                    return
+                payload = json.loads(event.data)
+                if event.type == "error" or "error" in payload:
+                    raise StreamError(payload["error"])
+                yield _to_event(payload)
+    raise StreamError({"message": "the stream ended without [DONE]", "code": "incomplete"})
+# endregion: client-stream
+
+
+def _to_event(chunk: dict[str, Any]) -> StreamEvent:
+    choice = chunk["choices"][0] if chunk["choices"] else {}
+    delta = choice.get("delta", {})
+    return StreamEvent(
+        at=trio.current_time(),
+        content=delta.get("content") or "",
+        finish_reason=choice.get("finish_reason"),
+        usage=chunk.get("usage"),
+        id=chunk["id"],
+    )

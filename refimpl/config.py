@@ -1,0 +1,31 @@
+"""Server-wide settings, filled from ``refimpl serve`` flags (``cli.py``).
+
+Per-request ``"simulate"`` knobs override the simulated-model defaults held
+here (DESIGN §2).  Everything has a default so ``create_app()`` with no
+arguments gives the embedded demo server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import Simulate
+
+#: The one model name the embedded server serves (``GET /v1/models``).
+DEFAULT_MODEL = "refimpl-sim"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = DEFAULT_MODEL
+    simulate: Simulate = field(default_factory=Simulate)
+    # Seconds of silence after which an SSE stream sends ": ping" (lesson 08).
+    heartbeat: float = 15.0
+    # Admission control: more concurrent generations than this get HTTP 429.
+    max_active: int = 1024
+    # Largest request body accepted, in bytes (HTTP 413 above it).
+    max_body_bytes: int = 1 << 20
+    # Most tokens the writer puts into one write when the model is ahead.
+    batch_tokens: int = 64

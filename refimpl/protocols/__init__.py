@@ -1,0 +1,1 @@
+"""One module per wire protocol, side by side: SSE, WebSocket, gRPC, HTTP/2."""

@@ -1,0 +1,155 @@
+"""Validate an OpenAI Chat Completions request into a :class:`ModelRequest`.
+
+Strategy
+--------
+A reference server must fail the way the real one does: a bad request gets
+HTTP 400 and the OpenAI error shape naming the offending ``param``, never a
+traceback, a 500 or a hang (STYLE §11).  This module is pure: it takes the
+already-decoded JSON value and either returns the parsed request or raises
+:class:`~refimpl.patterns.errors.APIError`.  It checks the parameters we act
+on (``model``, ``messages``, ``stream``, ``stream_options``, ``max_tokens`` /
+``max_completion_tokens``, ``temperature``, ``seed``, ``stop``, ``n``) and the
+``simulate`` extension; like other OpenAI-compatible servers it accepts and
+ignores the many parameters that only change sampling (``top_p``, ``user``…).
+Shared by the SSE endpoint and the WebSocket protocol (lesson 02).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ..model import ModelRequest, Simulate
+from ..patterns.errors import APIError
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatParams:
+    model_request: ModelRequest
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _int(body: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(f"'{key}' must be an integer >= {minimum}.", key)
+    return value
+
+
+def _content(value: Any, param: str) -> str:
+    """Message content: a string, a list of text parts, or null."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list):
+        texts = [p.get("text") for p in value if isinstance(p, dict)]
+        if len(texts) == len(value) and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise _bad("Message content must be a string or a list of text parts.", param)
+
+
+def parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise _bad("'messages' must be a non-empty array.", "messages")
+    out = []
+    for i, msg in enumerate(value):
+        param = f"messages[{i}]"
+        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
+            raise _bad(
+                f"{param} must be an object with a role in {sorted(_ROLES)}.", param
+            )
+        out.append((msg["role"], _content(msg.get("content"), param + ".content")))
+    return tuple(out)
+
+
+def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
+    """The ``simulate`` extension object: known keys, numbers >= 0."""
+    if value is None:
+        return defaults
+    if not isinstance(value, dict):
+        raise _bad("'simulate' must be an object.", "simulate")
+    known = {f.name for f in fields(Simulate)}
+    for key, v in value.items():
+        param = f"simulate.{key}"
+        if key not in known:
+            raise _bad(f"Unknown simulate knob '{key}'.", param, "unknown_parameter")
+        if key == "fail_with":
+            if not isinstance(v, str) or not v:
+                raise _bad("'simulate.fail_with' must be an error code string.", param)
+        elif v is not None and (
+            isinstance(v, bool) or not isinstance(v, int | float) or v < 0
+        ):
+            raise _bad(f"'{param}' must be a number >= 0.", param)
+        elif key in ("tokens", "fail_after_tokens", "seed") and v is not None:
+            if v != int(v):
+                raise _bad(f"'{param}' must be an integer.", param)
+    return replace(defaults, **value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
+        return tuple(s for s in value if s)
+    raise _bad("'stop' must be a string or an array of up to 4 strings.", "stop")
+
+
+# region: request-validation
+def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> ChatParams:
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", None, "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("You must provide a model parameter.", "model", "missing_required_parameter")
+    if model != served_model:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist. This server serves '{served_model}'.",
+            param="model",
+            code="model_not_found",
+        )
+    messages = parse_messages(body.get("messages"))
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise _bad(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options")
+    include_usage = bool((options or {}).get("include_usage", False))
+    if (n := _int(body, "n", 1)) not in (None, 1):
+        raise _bad("Only n=1 is supported.", "n")
+    temperature = body.get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature <= 2
+    ):
+        raise _bad("'temperature' must be a number between 0 and 2.", "temperature")
+    max_tokens = _int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1)
+    request = ModelRequest(
+        messages=messages,
+        model=model,
+        max_tokens=max_tokens,
+        seed=_int(body, "seed", 0),
+        stop=_stop(body.get("stop")),
+        simulate=parse_simulate(body.get("simulate"), defaults),
+    )
+    return ChatParams(request, stream, include_usage)
+# endregion: request-validation

@@ -1,0 +1,192 @@
+"""``POST /v1/chat/completions``: OpenAI-compatible streaming over SSE.
+
+Strategy
+--------
+The wire format is OpenAI's Chat Completions streaming, which is Server-Sent
+Events (WHATWG HTML §9.2) carrying one JSON ``chat.completion.chunk`` per
+``data:`` line:
+
+1. a first chunk whose delta is ``{"role": "assistant", "content": ""}``;
+2. one chunk per piece of content, ``delta: {"content": "..."}``;
+3. a final chunk with an empty delta and the ``finish_reason``;
+4. if the request asked ``stream_options.include_usage``, a usage chunk with
+   ``choices: []`` (and ``"usage": null`` on every chunk before it);
+5. the sentinel line ``data: [DONE]``.
+
+Every chunk has the same ``id``, ``created`` and ``model``.  The response
+headers switch off the buffering that would hide the stream: ``Cache-Control:
+no-cache`` for caches, ``X-Accel-Buffering: no`` for nginx, and on HTTP/1.1
+``Connection: keep-alive`` (HTTP/2 forbids that header).  Quart's 60-second
+``RESPONSE_TIMEOUT`` would silently cut long streams, so it is switched off
+for this response (DESIGN §4).
+
+If the model fails after the 200 status left, the failure travels *in* the
+stream: ``event: error`` with the OpenAI error object, then the body ends
+without ``[DONE]`` (lesson 07; the openai SDK raises ``APIError`` on it).
+
+Cost per token.  This is the hot path, so it is built for the costs measured
+in DESIGN §4 (lesson 02, "cost per token"): the chunk JSON is *pre-encoded*
+once per request into a prefix and a suffix around the content, so a token
+costs one C-level string escape and two concatenations, not a ``json.dumps``
+of a nested dict; the model step and the framing run in the one generator
+that Quart iterates (no hand-off between tasks); and every token that is
+already available leaves in one write (``Generation.ready``).
+"""
+
+from __future__ import annotations
+
+import json
+from json.encoder import encode_basestring_ascii as json_string
+from typing import Any, AsyncIterator
+
+import trio
+from quart import Quart, Response, request
+
+from ..engine import Engine, Generation, GenerationCancelled
+from ..model import ModelError
+from ..patterns.errors import APIError, error_body
+from ..sse import comment, encode
+from .chat_request import parse_chat_request
+
+DONE = encode("[DONE]")
+PING = comment("ping") + b"\n"
+SYSTEM_FINGERPRINT = "fp_refimpl"
+_MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# region: chunk-framer
+class ChunkFramer:
+    """Builds the SSE bytes of one stream's chunks, pre-encoded per request."""
+
+    def __init__(self, gen: Generation, include_usage: bool) -> None:
+        self.gen = gen
+        self.include_usage = include_usage
+        self._base = {
+            "id": gen.id,
+            "object": "chat.completion.chunk",
+            "created": gen.created,
+            "model": gen.request.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [],
+        }
+        if include_usage:
+            self._base["usage"] = None
+        # The encoder writes the template once; we split it around a marker
+        # so each token is just prefix + JSON-escaped text + suffix.
+        template = encode(dumps(self._chunk({"content": _MARK}, None)))
+        self._prefix, self._suffix = template.decode().split(json_string(_MARK))
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base, "choices": [choice]}
+
+    def content(self, tokens: list[str]) -> bytes:
+        p, s = self._prefix, self._suffix
+        return "".join([p + json_string(t) + s for t in tokens]).encode()
+
+    def role(self) -> bytes:
+        return encode(dumps(self._chunk({"role": "assistant", "content": ""}, None)))
+
+    def end(self) -> bytes:
+        """Final chunk, the usage chunk if asked for, and ``[DONE]``: one write."""
+        out = encode(dumps(self._chunk({}, self.gen.finish_reason)))
+        if self.include_usage:
+            out += encode(dumps({**self._base, "usage": self.gen.usage()}))
+        return out + DONE
+# endregion: chunk-framer
+
+
+def error_event(code: str, message: str, type: str = "server_error") -> bytes:
+    return encode(dumps(error_body(message, type, code)), event="error")
+
+
+# region: sse-stream
+async def stream_chunks(
+    gen: Generation, framer: ChunkFramer, heartbeat: float, batch: int
+) -> AsyncIterator[bytes]:
+    """The response body: Quart iterates this and writes each item."""
+    try:
+        yield framer.role()
+        while True:
+            tokens = gen.ready(batch)  # what the model has ready, no waiting
+            if not tokens:
+                with trio.move_on_after(heartbeat) as timer:
+                    tokens = await gen.wait(batch)  # [] when the model is done
+                if timer.cancelled_caught:  # silence for `heartbeat` seconds
+                    gen.heartbeat()
+                    yield PING
+                    continue
+                if not tokens:
+                    break
+            yield framer.content(tokens)
+        yield framer.end()
+    except ModelError as err:
+        yield error_event(err.code, err.message)
+    except GenerationCancelled as cancel:
+        yield error_event(cancel.reason, f"The generation was cancelled ({cancel.reason}).")
+    finally:
+        # Reached with Cancelled/GeneratorExit when the client went away:
+        # record it and stop the model (lesson 09).
+        gen.close("client_disconnect")
+# endregion: sse-stream
+
+
+async def read_json_body() -> Any:
+    if request.mimetype != "application/json":
+        raise APIError(415, "Content-Type must be application/json.", code="unsupported_media_type")
+    raw = await request.get_data()
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise APIError(400, f"We could not parse the JSON body of your request: {err}.", code="invalid_json") from None
+
+
+def register(app: Quart, engine: Engine) -> None:
+    config = app.config["REFIMPL"]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        params = parse_chat_request(
+            await read_json_body(), served_model=config.model_name, defaults=config.simulate
+        )
+        gen = engine.start(params.model_request, "sse" if params.stream else "http")
+        headers = {"X-Request-Id": gen.id}
+        if not params.stream:
+            return await complete(gen, headers)
+        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request.http_version == "1.1":
+            headers["Connection"] = "keep-alive"
+        framer = ChunkFramer(gen, params.include_usage)
+        body = stream_chunks(gen, framer, config.heartbeat, config.batch_tokens)
+        response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
+        response.timeout = None  # Quart would cut the stream at 60 s
+        return response
+
+
+async def complete(gen: Generation, headers: dict[str, str]) -> Response:
+    """Non-streaming: the same generation, collected into one object."""
+    parts: list[str] = []
+    try:
+        while tokens := gen.ready() or await gen.wait():
+            parts += tokens
+    except ModelError as err:
+        raise APIError(500, err.message, code=err.code) from None
+    finally:
+        gen.close("client_disconnect")
+    message = {"role": "assistant", "content": "".join(parts), "refusal": None}
+    body = {
+        "id": gen.id,
+        "object": "chat.completion",
+        "created": gen.created,
+        "model": gen.request.model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}
+        ],
+        "usage": gen.usage(),
+    }
+    return Response(dumps(body), 200, headers, content_type="application/json")

@@ -1,0 +1,93 @@
+"""Per-generation lifecycle trace: what happened, when, and how many tokens by then.
+
+Strategy
+--------
+Streaming bugs are timing bugs: a token that arrived late, a cancel that came
+after the model already finished, a heartbeat that never fired.  Logs are the
+wrong tool to *test* those, because they are text meant for people.  Instead
+every generation carries a :class:`Trace`: an append-only list of
+:class:`TraceEvent` records, each stamped with ``trio.current_time()`` (the
+monotonic clock of the running trio loop, so tests driven by
+``trio.testing.MockClock`` get exact, reproducible stamps) and with the number
+of completion tokens produced at that moment.
+
+The event names are part of the public interface (DESIGN §2, "Trace"):
+
+``accepted``      the request passed validation and a generation exists
+``first_token``   the model produced its first token (TTFT ends here)
+``paused`` / ``resumed``   backpressure stopped / restarted the model
+``heartbeat``     a keep-alive comment was sent while nothing else was
+``error``         the generation failed; ``detail`` holds the error code
+``cancelled``     it was stopped early; ``detail`` is the reason
+                  (``client_disconnect``, ``client_cancel``, ``deadline``,
+                  ``shutdown``)
+``done``          it finished normally; ``detail`` is the finish_reason
+
+Tests, lessons, notebooks and the demo page read traces through
+``GET /v1/debug/generations/{id}`` (see ``protocols/sse_chat.py``) and through
+:meth:`Trace.to_json`.  Lesson 00 uses the ``accepted`` → ``first_token``
+distance to show what streaming buys; lesson 09 uses ``cancelled``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+#: Events after which a generation is over; exactly one of them ends a trace.
+TERMINAL = frozenset({"done", "error", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEvent:
+    name: str
+    at: float  # trio.current_time(), seconds on the loop's monotonic clock
+    tokens: int  # completion tokens produced when this happened
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class Trace:
+    id: str
+    events: list[TraceEvent] = field(default_factory=list)
+
+    # region: trace-record
+    def record(self, name: str, tokens: int, detail: str | None = None) -> TraceEvent:
+        """Append one event stamped with the loop clock.
+
+        A trace ends at its first terminal event: a late ``cancelled`` after
+        ``done`` (the client hung up just as the last byte left) would be a
+        lie about what the model did, so it is dropped and the first ending
+        stands.
+        """
+        if self.finished:
+            return self.events[-1]
+        event = TraceEvent(name, trio.current_time(), tokens, detail)
+        self.events.append(event)
+        return event
+    # endregion: trace-record
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.events) and self.events[-1].name in TERMINAL
+
+    def first(self, name: str) -> TraceEvent | None:
+        """The first event called ``name``, or None."""
+        return next((e for e in self.events if e.name == name), None)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.events]
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        """The JSON body of ``GET /v1/debug/generations/{id}``."""
+        return {
+            "id": self.id,
+            "events": [
+                {"name": e.name, "at": e.at, "tokens": e.tokens, "detail": e.detail}
+                for e in self.events
+            ],
+            "finished": self.finished,
+            **extra,
+        }
