@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -90,7 +90,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     async def http_error(err: HTTPException) -> Response:
         status = err.code or 500
         message = {
-            404: f"Unknown path: {err.description and 'no route matches this URL'}.",
+            404: f"No route matches {request.method} {request.path}.",
             405: "This method is not allowed on this path.",
             413: f"The request body is larger than {config.max_body_bytes} bytes.",
         }.get(status, err.description or err.name)

@@ -63,6 +63,9 @@ class Generation:
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
         self._error: ModelError | None = None
+        # Set when the generation ends, however it ends: tests and the
+        # WebSocket handler wait on this instead of polling or sleeping.
+        self.ended = trio.Event()
         self.trace.record("accepted", 0)
 
     # -- what the model has done so far -------------------------------------
@@ -165,6 +168,7 @@ class Generation:
             return
         self.trace.record(name, self.completion_tokens, detail)
         self._engine._finished(self, name, detail)
+        self.ended.set()
 
     def to_json(self) -> dict[str, Any]:
         return self.trace.to_json(

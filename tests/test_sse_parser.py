@@ -289,21 +289,25 @@ piece = st.sampled_from(
     [b"data", b"event", b"id", b"retry", b":", b" ", b"\r", b"\n", b"\r\n", BOM, b"\x00",
      b"7", b"x", "é😀".encode(), b"\xff", b"\xe2\x82", b"\xed\xa0\x80", "\u2028".encode()]
 )
-line = st.builds(
+line_end = st.sampled_from([b"\n", b"\r", b"\r\n"])
+field = st.builds(
     lambda name, sep, value, end: name + sep + value + end,
-    st.sampled_from([b"data", b"event", b"id", b"retry", b"", b"dat", b":"]),
+    st.sampled_from([b"data", b"data", b"event", b"id", b"id", b"retry", b"dat", b""]),
     st.sampled_from([b":", b": ", b":  ", b""]),
     st.one_of(
-        st.sampled_from([b"", b"x", b" x", b"12", b"0", b"a\x00b", b"1 ", b"\xff"]),
+        st.sampled_from([b"", b"x", b" x", b"12", b"0", b"a\x00b", b"\x00", b"1 ", b"\xff"]),
         st.text(max_size=6).map(str.encode),
         st.binary(max_size=4),
     ),
-    st.sampled_from([b"\n", b"\r", b"\r\n", b"\n\n", b"\r\r", b"\r\n\r\n", b""]),
+    line_end,
 )
-# Mostly whole lines, so that fields and dispatches really happen, with raw
-# pieces and random bytes mixed in to break them up.
+# An event block: some field lines, then the blank line that dispatches.
+block = st.builds(lambda fields, end: b"".join(fields) + end, st.lists(field, max_size=4), line_end)
+# Mostly blocks, so that fields and dispatches really interact (an event
+# line in one block, a data line in the next), with raw pieces and random
+# bytes mixed in to break the structure up.
 sse_like = st.lists(
-    st.one_of(line, line, line, piece, st.binary(max_size=3)), max_size=30
+    st.one_of(block, block, block, piece, st.binary(max_size=3)), max_size=12
 ).map(b"".join)
 cut_points = st.lists(st.integers(min_value=0, max_value=160), max_size=12)
 
