@@ -61,6 +61,14 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         page = resources.files("refimpl.static").joinpath("index.html").read_bytes()
         return Response(page, content_type="text/html; charset=utf-8")
 
+    @app.get("/static/<name>")
+    async def static_file(name: str) -> Response:
+        files = resources.files("refimpl.static")
+        if not name.endswith((".js", ".css")) or not files.joinpath(name).is_file():
+            raise APIError(404, f"No static file '{name}'.", code="not_found")
+        kind = "text/javascript" if name.endswith(".js") else "text/css"
+        return Response(files.joinpath(name).read_bytes(), content_type=kind + "; charset=utf-8")
+
     @app.get("/v1/models")
     async def models() -> Response:
         model = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "refimpl"}

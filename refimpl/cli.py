@@ -109,8 +109,8 @@ async def run_chat(args: argparse.Namespace) -> int:
         return 0
     gaps = (last - first) / (n - 1) * 1000 if n > 1 else 0.0
     rate = (n - 1) / (last - first) if n > 1 and last > first else float("inf")
-    print(f"TTFT {(first - start) * 1000:.1f} ms · {n} content chunks · "
-          f"mean ITL {gaps:.2f} ms · {rate:.0f} chunks/s · usage {usage}")
+    print(f"TTFT {(first - start) * 1000:.1f} ms · {n} tokens · "
+          f"mean ITL {gaps:.2f} ms · {rate:.0f} tokens/s · usage {usage}")
     return 0
 
 

@@ -9,6 +9,7 @@ end of each test, which shuts the servers down.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -65,3 +66,12 @@ async def server(start_server) -> Server:
 async def client():
     async with httpx.AsyncClient(timeout=httpx.Timeout(10)) as c:
         yield c
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI a skipped test is a missing test: fail the run loudly."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped and exitstatus == 0:
+        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips count as failures here", red=True)
+        session.exitstatus = 1

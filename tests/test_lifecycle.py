@@ -36,7 +36,6 @@ async def test_trace_of_a_finished_stream(server, client):
     assert trace["completion_tokens"] == 24 and trace["finished"] and trace["protocol"] == "sse"
 
 
-
 async def test_disconnect_mid_stream_cancels_at_once(server, client):
     body = chat_body(stream=True, simulate={"itl_ms": 60_000, "ttft_ms": 0})
     async with client.stream("POST", server.url + URL, json=body) as resp:

@@ -338,7 +338,7 @@ def test_any_chunking_gives_the_same_events(body: bytes, points: list[int]) -> N
     assert parse(cut(body, points)) == parse([body])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=800, deadline=None)
 @with_traps
 @given(body=sse_like, points=cut_points)
 def test_agrees_with_reference_model(body: bytes, points: list[int]) -> None:

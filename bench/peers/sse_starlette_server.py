@@ -95,12 +95,13 @@ def create_app(ttft_ms: float, itl_ms: float, tokens: int) -> FastAPI:
             "model": req.model,
             "system_fingerprint": "fp_peer",
         }
-        if include_usage:
-            base["usage"] = None
 
         def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {**base, "choices": [choice]}
+            out = {**base, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None  # OpenAI sends it on every chunk when asked
+            return out
 
         async def events():
             yield {"data": json.dumps(chunk({"role": "assistant", "content": ""}, None))}

@@ -160,7 +160,7 @@ class SSEParser:
             return []
         # With CRLF and then lone CR rewritten as LF, one split finds every
         # line ending; the replace order matters ("\r\n" must become one LF).
-        lines = text.splitlines(); lines.append("") if text.endswith(("\r","\n")) else None
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         if self._partial:
             # The first line started in an earlier chunk.
             self._partial.append(lines[0])
@@ -220,7 +220,6 @@ class SSEParser:
         if not self._data:
             # No data line since the last dispatch (e.g. only "event:" or
             # "id:" lines, or two blank lines in a row): nothing to deliver.
-            self._event_type = ""
             return None
         # Joining with LF is the spec's "append value and LF per line, then
         # remove the final LF", done in one step.

@@ -1,0 +1,1 @@
+"""The demo page and its ES-module JavaScript client (no build step)."""
