@@ -86,11 +86,11 @@ async def run_chat(args: argparse.Namespace) -> int:
         body["max_tokens"] = args.max_tokens
     if simulate:
         body["simulate"] = simulate
-    start = trio.current_time()
     first = last = None
     n, usage = 0, None
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+            start = trio.current_time()  # TTFT counts from the request, not client set-up
             async for event in stream_chat(client, args.url, body):
                 if event.content:
                     first = first if first is not None else event.at

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import chat_body
 
 URL = "/v1/chat/completions"

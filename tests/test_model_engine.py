@@ -13,7 +13,13 @@ import trio.testing
 
 from refimpl.engine import Engine, GenerationCancelled
 from refimpl.metrics import Metrics
-from refimpl.model import ModelError, ModelRequest, Simulate, SimulatedModel, count_tokens
+from refimpl.model import (
+    ModelError,
+    ModelRequest,
+    Simulate,
+    SimulatedModel,
+    count_tokens,
+)
 
 
 def request(prompt="hello there", **sim) -> ModelRequest:

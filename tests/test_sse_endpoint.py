@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import httpx
 import pytest
 import trio
+from conftest import chat_body
 from httpx_sse import aconnect_sse
 
-from conftest import chat_body
 from refimpl.sse import SSEParser
 
 
@@ -123,7 +122,7 @@ async def test_curl_shows_chunks(server):
     body = json.dumps(chat_body(stream=True))
     cmd = [curl, "-sN", server.url + "/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body]
     out = await trio.run_process(cmd, capture_stdout=True)
-    lines = [l for l in out.stdout.decode().split("\n\n") if l]
+    lines = [block for block in out.stdout.decode().split("\n\n") if block]
     assert lines[-1] == "data: [DONE]" and len(lines) == 24 + 3
 
 

@@ -131,7 +131,7 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
     if options is not None and not isinstance(options, dict):
         raise _bad("'stream_options' must be an object.", "stream_options")
     include_usage = bool((options or {}).get("include_usage", False))
-    if (n := _int(body, "n", 1)) not in (None, 1):
+    if _int(body, "n", 1) not in (None, 1):
         raise _bad("Only n=1 is supported.", "n")
     temperature = body.get("temperature")
     if temperature is not None and (
@@ -147,7 +147,7 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         messages=messages,
         model=model,
         max_tokens=max_tokens,
-        seed=_int(body, "seed", 0),
+        seed=_int(body, "seed", -(2**63)),
         stop=_stop(body.get("stop")),
         simulate=parse_simulate(body.get("simulate"), defaults),
     )

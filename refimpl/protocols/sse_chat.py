@@ -36,8 +36,9 @@ already available leaves in one write (``Generation.ready``).
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from json.encoder import encode_basestring_ascii as json_string
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 from quart import Quart, Response, request

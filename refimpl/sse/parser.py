@@ -220,6 +220,7 @@ class SSEParser:
         if not self._data:
             # No data line since the last dispatch (e.g. only "event:" or
             # "id:" lines, or two blank lines in a row): nothing to deliver.
+            self._event_type = ""
             return None
         # Joining with LF is the spec's "append value and LF per line, then
         # remove the final LF", done in one step.
