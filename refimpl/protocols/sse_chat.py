@@ -50,6 +50,10 @@ from ..sse import comment, encode
 from .chat_request import parse_chat_request
 
 DONE = encode("[DONE]")
+# The heartbeat is a comment line, which every conforming parser ignores.  It
+# is only ever sent between events, so the extra blank line dispatches nothing;
+# it is there for the many hand-written clients that split the stream on
+# "\n\n" and would otherwise glue the ping onto the next event.
 PING = comment("ping") + b"\n"
 SYSTEM_FINGERPRINT = "fp_refimpl"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output

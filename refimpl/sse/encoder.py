@@ -29,6 +29,8 @@ parser; lesson 08 uses :func:`comment` for heartbeats.
 
 from __future__ import annotations
 
+from refimpl.sse.parser import MAX_RETRY_DIGITS
+
 __all__ = ["comment", "encode"]
 
 
@@ -53,7 +55,7 @@ def encode(
     data: str,
     *,
     event: str | None = None,
-    id: str | None = None,  # noqa: A002 - the field is called "id" on the wire
+    id: str | None = None,  # the field is called "id" on the wire
     retry: int | None = None,
 ) -> bytes:
     """Return one complete event, ending with the blank line that dispatches it.
@@ -69,8 +71,8 @@ def encode(
     ``None`` leaves a field out.  ``id=""`` is different: it is sent, and it
     resets the reader's last event ID.  ``event=""`` reads back as the
     default type ``"message"``.  Raises ``ValueError`` for values the format
-    cannot carry (see the module docstring) and for a negative ``retry``;
-    ``TypeError`` if ``retry`` is not an ``int``.
+    cannot carry (see the module docstring) and for a ``retry`` that is
+    negative or too long for readers; ``TypeError`` if it is not an ``int``.
     """
     fields: list[str] = []
     if id is not None:
@@ -87,6 +89,9 @@ def encode(
             raise TypeError(f"SSE retry must be an int, got {type(retry).__name__}")
         if retry < 0:
             raise ValueError(f"SSE retry must be >= 0, got {retry}")
+        # Readers ignore absurdly long values (see the parser's constant).
+        if retry >= 10**MAX_RETRY_DIGITS:
+            raise ValueError(f"SSE retry must have at most {MAX_RETRY_DIGITS} digits")
         fields.append(f"retry: {retry}\n")
     # One data line per line of text; the reader joins them back with LF.
     # Empty data still needs one (empty) data line, or nothing is dispatched.

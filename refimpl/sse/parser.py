@@ -34,6 +34,13 @@ from dataclasses import dataclass
 
 __all__ = ["Event", "SSEParser"]
 
+# int() refuses to parse more than 4300 digits by default, because the work
+# grows with the square of the length (a server could stall its clients);
+# an application may lower that limit to 640 but no further.  A retry value
+# longer than this, in milliseconds far beyond the age of the universe, is
+# ignored like any other invalid one, so that feed() can never raise.
+MAX_RETRY_DIGITS = 640
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -200,12 +207,16 @@ class SSEParser:
             # resets the last event ID.
             if "\0" not in value:
                 self._id_buffer = value
-        elif name == "retry":
+        elif name == "retry" and value.isascii() and value.isdigit():
             # Only ASCII digits count.  str.isdigit() alone is not enough: it
-            # accepts "²" or "٣", which int() then rejects or misreads.  An
-            # empty value, a sign, spaces or units make the field ignored.
-            if value.isascii() and value.isdigit():
-                self.retry = int(value)
+            # accepts "²" (int() raises) and "٣" (int() reads 3, the spec
+            # says ignore).  Empty, signed, spaced or "10s" values: ignored.
+            # The spec sets no upper bound; Python's int() does, and raises
+            # past it (see MAX_RETRY_DIGITS).  Leading zeros do not change
+            # the number, so they do not count.
+            digits = value.lstrip("0") or "0"
+            if len(digits) <= MAX_RETRY_DIGITS:
+                self.retry = int(digits)
         # Any other field name is ignored, so the format can grow new fields.
         # endregion: sse-field-rules
         return None
