@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 notebooks: $(STAMP)
-	$(BIN)/python -m pytest --nbmake notebooks
+	$(BIN)/python -m pytest tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/refimpl bench

@@ -9,7 +9,7 @@ layer a reader needs to see once (lesson 02):
    (``httpx`` ``aiter_raw``; no decompression or re-chunking in between);
 2. feed the raw bytes to the sans-IO :class:`~refimpl.sse.SSEParser`, which
    handles every way the bytes may be split (the naive ``split("\\n")`` reader
-   of lesson 04 does not);
+   of lesson 01 does not);
 3. turn each event into a :class:`StreamEvent`: content, the finish reason,
    usage, an ``error`` event (raised as :class:`StreamError`), and
    ``[DONE]``, which ends the stream.  A body that ends *without* ``[DONE]``
@@ -56,7 +56,7 @@ async def stream_chat(
     body = {**body, "stream": True}
     async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
-            raise StreamError(json.loads(await resp.aread()).get("error", {}))
+            raise StreamError(_error_of(resp.status_code, await resp.aread()))
         parser = SSEParser()
         async for raw in resp.aiter_raw():
             for event in parser.feed(raw):
@@ -68,6 +68,19 @@ async def stream_chat(
                 yield _to_event(payload)
     raise StreamError({"message": "the stream ended without [DONE]", "code": "incomplete"})
 # endregion: client-stream
+
+
+def _error_of(status: int, body: bytes) -> dict[str, Any]:
+    """The OpenAI error object of a failed response, or a stand-in when the
+    body is not one (a proxy's HTML 502 page, say)."""
+    try:
+        error = json.loads(body)["error"]
+        if isinstance(error, dict):
+            return error
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = body[:200].decode("utf-8", "replace")
+    return {"message": f"HTTP {status}: {text}", "code": f"http_{status}"}
 
 
 def _to_event(chunk: dict[str, Any]) -> StreamEvent:

@@ -59,6 +59,9 @@ class Generation:
         self.protocol = protocol
         self.trace = Trace(self.id)
         self._engine = engine
+        # Stamp "accepted" before the model starts, so that the model's own
+        # clock (its TTFT deadline) never starts before the trace's.
+        self.trace.record("accepted", 0)
         self._stream: TokenStream = engine.backend.start(request)
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
@@ -66,7 +69,6 @@ class Generation:
         # Set when the generation ends, however it ends: tests and the
         # WebSocket handler wait on this instead of polling or sleeping.
         self.ended = trio.Event()
-        self.trace.record("accepted", 0)
 
     # -- what the model has done so far -------------------------------------
     @property
@@ -136,10 +138,12 @@ class Generation:
             self._end("error", self._error.code)
             raise self._error
 
+    # region: first-token
     def _produced(self, n: int) -> None:
         if self.completion_tokens == n:
             self.trace.record("first_token", n)
         self._engine.metrics.tokens.inc(n)
+    # endregion: first-token
 
     # -- ending --------------------------------------------------------------
     def cancel(self, reason: str) -> None:

@@ -195,7 +195,11 @@ class _SimulatedStream:
             if token is None:
                 return None
         self.completion_tokens = n + 1
+        # region: model-due
+        # The next token is due itl after this one was *taken*, so a reader
+        # that stops pulling pauses the model (at itl 0 it is due at once).
         self._due = (trio.current_time() if self._itl else self._due) + self._itl
+        # endregion: model-due
         return token
 
     def _apply_stop(self, token: str) -> str | None:

@@ -55,7 +55,13 @@ _INCLUDE = re.compile(r"^<!-- include: (?P<path>[^\s#]+)#(?P<name>[^\s#]+) -->$"
 # Anything that was probably meant to be one (to report typos, not skip them).
 _NEAR_INCLUDE = re.compile(r"^\s*<!--\s*include\b")
 _FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
-_LANGUAGES = {".py": "python", ".js": "javascript", ".mjs": "javascript", ".proto": "protobuf"}
+_LANGUAGES = {
+    ".py": "python",
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".sh": "sh",
+    ".proto": "protobuf",
+}
 
 
 class RegionError(Exception):
@@ -66,7 +72,9 @@ def find_regions(text: str) -> dict[str, str]:
     """Map each region name in a code file to its (dedented) text."""
     open_regions: dict[str, list[str]] = {}
     done: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    order: list[str] = []  # names in the order their regions open
+    # Not str.splitlines(): that would also split at form feeds and U+2028.
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
         match = _MARKER.match(line.strip())
         if match is None:
             for body in open_regions.values():
@@ -77,13 +85,14 @@ def find_regions(text: str) -> dict[str, str]:
             if name in open_regions or name in done:
                 raise RegionError(f"line {number}: region {name!r} is defined twice")
             open_regions[name] = []
+            order.append(name)
         else:
             if name not in open_regions:
                 raise RegionError(f"line {number}: 'endregion: {name}' without 'region: {name}'")
             done[name] = _tidy(open_regions.pop(name))
     if open_regions:
         raise RegionError(f"region(s) never closed: {', '.join(sorted(open_regions))}")
-    return done
+    return {name: done[name] for name in order}
 
 
 def _tidy(lines: list[str]) -> str:
@@ -207,7 +216,8 @@ def process(doc: Path, root: Path = ROOT, *, write: bool = False) -> list[Proble
             continue
         if not write:
             what = "no code block after" if inc.block is None else "stale code block for"
-            problems.append(Problem(shown_as, inc.line, f"{what} {where} (run: python tools/regions.py --write)"))
+            hint = "(run: python tools/regions.py --write)"
+            problems.append(Problem(shown_as, inc.line, f"{what} {where} {hint}"))
             continue
         language = _LANGUAGES.get(Path(inc.path).suffix, "")
         fence = _fence_for(code, inc.fence)

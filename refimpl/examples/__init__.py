@@ -1,9 +1,20 @@
-"""Broken code, kept on purpose: the "before" half of the lessons' pairs.
+"""Code the lessons show and run, that the server itself does not need.
 
-STYLE §4: where a lesson teaches a pitfall, the broken code exists, runs, and
-``tests/test_lesson_examples.py`` proves it breaks exactly the way the lesson
-says.  Nothing in ``refimpl`` imports this package; do not copy from it.
+Two kinds live here, and nothing in ``refimpl`` imports either:
 
-``naive_sse``     SSE readers that split on ``"\\n"`` (lesson 01)
-``cut_at_60s``    a Quart stream that forgets ``response.timeout`` (lesson 02)
+* **Broken code, kept on purpose**: the "before" half of a lesson's
+  broken/fixed pair (STYLE §4).  It exists, runs, and
+  ``tests/test_lesson_examples.py`` proves it breaks exactly the way the
+  lesson says.  Do not copy from it.
+
+  ``naive_sse``     SSE readers that split on ``"\\n"`` (lesson 01)
+  ``cut_at_60s``    a Quart stream that forgets ``response.timeout`` (lesson 02)
+
+* **Small working programs** the lessons include by region, so what a
+  lesson shows is what the tests run.
+
+  ``timing``        TTFT and e2e of a full vs a streamed answer (lesson 00)
+  ``sse_tour``      the SSE wire format as a table of bytes -> events (lesson 01)
+  ``clients``       httpx-sse and the openai SDK reading our stream (lesson 02)
+  ``curl_stream.sh``  the same with curl (lesson 02)
 """

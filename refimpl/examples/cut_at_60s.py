@@ -43,3 +43,28 @@ def create_app(*, fixed: bool) -> QuartTrio:
     # endregion: ticker-route
 
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m refimpl.examples.cut_at_60s [--fixed] [PORT]`` (lesson 02)."""
+    import argparse
+    from functools import partial
+
+    from ..app import serve
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("port", nargs="?", type=int, default=8001)
+    parser.add_argument("--fixed", action="store_true", help="set response.timeout = None")
+    args = parser.parse_args(argv)
+    app = create_app(fixed=args.fixed)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(partial(serve, app, "127.0.0.1", args.port))
+            print(f"{'fixed' if args.fixed else 'broken'}: curl -N {url}/ticks/61", flush=True)
+
+    trio.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -39,11 +39,13 @@ _STATUS_TYPE = {
 }
 
 
+# region: error-body
 def error_body(
     message: str, type: str, code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
     """The OpenAI error object, ready for ``json.dumps``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+# endregion: error-body
 
 
 class APIError(Exception):

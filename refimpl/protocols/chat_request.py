@@ -62,7 +62,7 @@ def parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
     out = []
     for i, msg in enumerate(value):
         param = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in _ROLES:
             raise _bad(
                 f"{param} must be an object with a role in {sorted(_ROLES)}.", param
             )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from json.encoder import encode_basestring_ascii as json_string
+from json.encoder import encode_basestring as json_string
 from typing import Any
 
 import trio
@@ -105,8 +105,10 @@ class ChunkFramer:
 # endregion: chunk-framer
 
 
+# region: error-event
 def error_event(code: str, message: str, type: str = "server_error") -> bytes:
     return encode(dumps(error_body(message, type, code)), event="error")
+# endregion: error-event
 
 
 # region: sse-stream
@@ -162,6 +164,7 @@ def register(app: Quart, engine: Engine) -> None:
         headers = {"X-Request-Id": gen.id}
         if not params.stream:
             return await complete(gen, headers)
+        # region: sse-response
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.http_version == "1.1":
             headers["Connection"] = "keep-alive"
@@ -170,8 +173,10 @@ def register(app: Quart, engine: Engine) -> None:
         response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
         response.timeout = None  # Quart would cut the stream at 60 s
         return response
+        # endregion: sse-response
 
 
+# region: complete
 async def complete(gen: Generation, headers: dict[str, str]) -> Response:
     """Non-streaming: the same generation, collected into one object."""
     parts: list[str] = []
@@ -195,3 +200,4 @@ async def complete(gen: Generation, headers: dict[str, str]) -> Response:
         "usage": gen.usage(),
     }
     return Response(dumps(body), 200, headers, content_type="application/json")
+# endregion: complete

@@ -1,0 +1,247 @@
+"""The lessons show the code that runs (STYLE §5).
+
+1. ``python tools/regions.py --check`` passes over every ``lessons/*.md``:
+   no lesson includes a region that does not exist, and no included block is
+   stale.  Lessons written by anyone use the same include syntax, so this
+   covers them all.
+2. The tool itself, on a scratch repository: it finds stale and missing
+   blocks, missing files and regions and malformed directives, and
+   ``--write`` repairs what can be repaired.
+3. Each lesson has the parts every lesson promises (what you will learn, a
+   link to its notebook, "Push on it"), and its relative links resolve.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "regions.py"
+
+_spec = importlib.util.spec_from_file_location("regions", TOOL)
+regions = importlib.util.module_from_spec(_spec)
+sys.modules["regions"] = regions  # dataclasses look their module up by name
+_spec.loader.exec_module(regions)
+
+
+def run_tool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+# -- 1. the real lessons ---------------------------------------------------
+def test_all_lessons_are_in_sync_with_the_code():
+    result = run_tool("--check")
+    assert result.returncode == 0, "\n" + result.stderr
+
+
+MY_LESSONS = ["00-why-streaming.md", "01-sse-wire-format.md", "02-openai-endpoint.md"]
+
+
+@pytest.mark.parametrize("name", MY_LESSONS)
+def test_lesson_shows_code_by_include_only(name):
+    """Code in these lessons comes from regions: no ```python block without
+    an include line above it (a pasted snippet would drift)."""
+    lines = (ROOT / "lessons" / name).read_text().split("\n")
+    includes, _ = regions.scan_markdown(lines)
+    assert includes
+    owned = {inc.line for inc in includes}  # 1-based line of each directive
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```") and line.strip("`").strip():  # an opening fence with a language
+            assert number - 1 in owned, f"{name}:{number}: code block not included from a region"
+
+
+@pytest.mark.parametrize("name", MY_LESSONS)
+def test_lesson_shape(name):
+    text = (ROOT / "lessons" / name).read_text()
+    number = name[:2]
+    head = text[: text.index("\n## ")] if "\n## " in text else text
+    assert "you will learn" in head.lower() or "you'll learn" in head.lower()
+    assert f"../notebooks/{name[:-3]}.ipynb" in head
+    assert re.search(r"^## Push on it\s*$", text, re.M), "ends with experiments"
+    last = text[text.rindex("\n## ") :]
+    assert last.startswith("\n## Push on it"), "Push on it comes last"
+    assert number in (ROOT / "lessons" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("doc", sorted((ROOT / "lessons").glob("*.md")), ids=lambda p: p.name)
+def test_relative_links_resolve(doc):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        if target.startswith("../notebooks/") or target.endswith(".md"):
+            # notebooks and lessons written by other engineers may not exist yet
+            if not (doc.parent / target).exists():
+                assert target.endswith(".md") or target.endswith(".ipynb"), target
+                continue
+        assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_my_notebooks_and_lessons_exist_together():
+    for name in MY_LESSONS:
+        assert (ROOT / "notebooks" / name.replace(".md", ".ipynb")).exists()
+
+
+# -- 2. the tool on a scratch repository -----------------------------------
+CODE = '''\
+def helper():
+    return 1
+
+
+class Thing:
+    # region: method
+    def method(self):
+        # region: inner
+        x = 1
+        # endregion: inner
+        return x
+    # endregion: method
+'''
+
+JS = """\
+// region: js-part
+export const answer = 42;
+// endregion: js-part
+"""
+
+
+def lesson(block: str, include: str = "pkg/mod.py#method") -> str:
+    return f"# A lesson\n\nText.\n\n<!-- include: {include} -->\n{block}\nMore text.\n"
+
+
+FRESH = "```python\ndef method(self):\n    x = 1\n    return x\n```"
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(CODE)
+    (tmp_path / "web.js").write_text(JS)
+    (tmp_path / "lessons").mkdir()
+    return tmp_path
+
+
+def check(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_tool("--root", str(repo), *args)
+
+
+def test_region_text_is_dedented_without_markers():
+    found = regions.find_regions(CODE)
+    assert found["method"] == "def method(self):\n    x = 1\n    return x"
+    assert found["inner"] == "x = 1"
+    assert regions.find_regions(JS) == {"js-part": "export const answer = 42;"}
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("# region: a\n", "never closed"),
+        ("# endregion: a\n", "without"),
+        ("# region: a\n# endregion: a\n# region: a\n# endregion: a\n", "twice"),
+    ],
+)
+def test_malformed_markers(code, message):
+    with pytest.raises(regions.RegionError, match=message):
+        regions.find_regions(code)
+
+
+def test_fresh_block_passes(repo):
+    (repo / "lessons" / "a.md").write_text(lesson(FRESH))
+    assert check(repo, "--check").returncode == 0
+
+
+def test_stale_block_detected_then_written(repo):
+    doc = repo / "lessons" / "a.md"
+    doc.write_text(lesson("```python\ndef method(self):\n    return 2\n```"))
+    result = check(repo, "--check")
+    assert result.returncode == 1
+    assert "lessons/a.md:5: stale code block for pkg/mod.py#method" in result.stderr
+    assert check(repo, "--write").returncode == 0
+    assert doc.read_text() == lesson(FRESH)
+    assert check(repo, "--check").returncode == 0
+
+
+def test_code_change_makes_block_stale(repo):
+    (repo / "lessons" / "a.md").write_text(lesson(FRESH))
+    (repo / "pkg" / "mod.py").write_text(CODE.replace("x = 1", "x = 2"))
+    assert "stale" in check(repo, "--check").stderr
+
+
+def test_missing_block_is_added(repo):
+    doc = repo / "lessons" / "a.md"
+    doc.write_text(lesson("", "web.js#js-part"))
+    assert "no code block after web.js#js-part" in check(repo).stderr
+    assert check(repo, "--write").returncode == 0
+    block = "```javascript\nexport const answer = 42;\n```\n"
+    assert "<!-- include: web.js#js-part -->\n" + block in doc.read_text()
+
+
+@pytest.mark.parametrize(
+    ("include", "message"),
+    [
+        ("pkg/mod.py#nope", "pkg/mod.py has no region 'nope' (it has: inner, method)"),
+        ("pkg/gone.py#method", "no such file 'pkg/gone.py'"),
+        ("../outside.py#x", "outside the repository"),
+    ],
+)
+def test_missing_region_or_file(repo, include, message):
+    doc = repo / "lessons" / "a.md"
+    doc.write_text(lesson(FRESH, include))
+    for mode in ("--check", "--write"):  # --write cannot fix these: still an error
+        result = check(repo, mode)
+        assert result.returncode == 1
+        assert message in result.stderr
+    assert doc.read_text() == lesson(FRESH, include)
+
+
+def test_every_problem_is_listed(repo):
+    (repo / "lessons" / "a.md").write_text(
+        lesson("```python\nold\n```") + lesson(FRESH, "pkg/mod.py#nope")
+    )
+    (repo / "lessons" / "b.md").write_text("<!--include: pkg/mod.py#method-->\n")
+    result = check(repo)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == "3 problem(s) in 2 file(s)"
+    assert "malformed include" in result.stderr
+
+
+def test_include_inside_a_fence_is_just_text(repo):
+    doc = repo / "lessons" / "a.md"
+    doc.write_text("````markdown\n<!-- include: pkg/mod.py#nope -->\n```python\n```\n````\n")
+    assert check(repo).returncode == 0
+
+
+def test_write_uses_a_longer_fence_when_code_has_one(repo):
+    (repo / "pkg" / "doc.py").write_text('# region: r\ns = """\n```\n"""\n# endregion: r\n')
+    doc = repo / "lessons" / "a.md"
+    doc.write_text("<!-- include: pkg/doc.py#r -->\n")
+    assert check(repo, "--write").returncode == 0
+    assert doc.read_text() == '<!-- include: pkg/doc.py#r -->\n````python\ns = """\n```\n"""\n````\n'
+    assert check(repo).returncode == 0
+
+
+def test_list_regions(repo):
+    result = check(repo, "--list", "pkg/mod.py")
+    assert result.stdout.splitlines() == ["pkg/mod.py#method  (3 lines)", "pkg/mod.py#inner  (1 lines)"]
+
+
+# -- 3b. the index ---------------------------------------------------------
+def test_index_links_every_lesson():
+    index = (ROOT / "lessons" / "README.md").read_text()
+    for doc in sorted((ROOT / "lessons").glob("[0-9][0-9]-*.md")):
+        assert f"]({doc.name})" in index, f"lessons/README.md does not link {doc.name}"
+
+
+def test_index_marks_only_existing_lessons_done():
+    for row in (ROOT / "lessons" / "README.md").read_text().splitlines():
+        if row.startswith("|") and "✅" in row:
+            for target in re.findall(r"\]\(([^)]+)\)", row):
+                assert (ROOT / "lessons" / target).resolve().exists(), f"✅ but missing: {target}"
