@@ -38,13 +38,10 @@ from .engine import Engine
 from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
-from .protocols import sse_chat
+from .protocols import sse_chat, websocket_chat
+from .protocols.sse_chat import json_response
 
 log = logging.getLogger("refimpl")
-
-
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(sse_chat.dumps(body), status, content_type="application/json")
 
 
 def create_app(config: Config | None = None, backend: Backend | None = None) -> QuartTrio:
@@ -56,6 +53,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app.extensions["refimpl.engine"] = engine
 
     sse_chat.register(app, engine)
+    websocket_chat.register(app, engine)
 
     @app.get("/")
     async def index() -> Response:
@@ -131,7 +129,14 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` with hypercorn's trio worker; ``task_status`` gets the URL."""
+    """Serve ``app`` with hypercorn's trio worker; ``task_status`` gets the URL.
+
+    Installs the write fast path first (``fastwrite.py``, lesson 13) unless
+    ``REFIMPL_FASTWRITE=0`` is set in the environment.
+    """
+    from . import fastwrite
+
+    fastwrite.install()
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(

@@ -68,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", choices=SERVERS, help="measure one server only")
     p.add_argument("--fastwrite", action=argparse.BooleanOptionalAction, default=True,
                    help="refimpl's hypercorn write fast path (REFIMPL_FASTWRITE)")
+    p.add_argument("--batch-tokens", type=int, default=64,
+                   help="refimpl: most ready tokens per write (1: one write per token, like the peer)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for one load run")
     p.add_argument("--json", type=Path, default=None,
                    help="results file (default bench-results/bench-<timestamp>.json)")
@@ -75,21 +77,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # -- the server side -----------------------------------------------------------
+# region: server-cpu
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat.
+    """CPU time a process has used (all its threads), from the kernel.
 
-    The command name (field 2) may contain spaces, so split after its closing
-    parenthesis; utime and stime are fields 14 and 15, in clock ticks.
+    ``/proc/PID/task/TID/schedstat`` counts each thread's time on a CPU in
+    nanoseconds; ``/proc/PID/stat`` (utime + stime, fields 14 and 15) only in
+    clock ticks of 1/``SC_CLK_TCK`` s, too coarse for a short run, so it is
+    the fallback where schedstat is missing.  The command name (field 2) may
+    contain spaces, so ``stat`` is split after its closing parenthesis.
     """
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# endregion: server-cpu
 
 
-def server_command(kind: str, port: int, tokens: int, itl_ms: float) -> list[str]:
+def server_command(kind: str, port: int, tokens: int, itl_ms: float, batch_tokens: int = 64) -> list[str]:
     knobs = ["--host", HOST, "--port", str(port), "--itl-ms", str(itl_ms),
              "--ttft-ms", "0", "--tokens", str(tokens)]
     if kind == "refimpl":
-        return [sys.executable, "-m", "refimpl", "serve", *knobs]
+        return [sys.executable, "-m", "refimpl", "serve", *knobs, "--batch-tokens", str(batch_tokens)]
     if not PEER.exists():
         raise SystemExit(f"the peer server is not at {PEER} (run from a source checkout)")
     return [sys.executable, str(PEER), *knobs]
@@ -107,7 +118,7 @@ async def running_server(kind: str, args: argparse.Namespace) -> AsyncIterator[t
     port = free_port()
     env = {**os.environ, "REFIMPL_FASTWRITE": "1" if args.fastwrite else "0"}
     with tempfile.TemporaryFile() as log:
-        cmd = server_command(kind, port, args.tokens, args.itl_ms)
+        cmd = server_command(kind, port, args.tokens, args.itl_ms, args.batch_tokens)
         proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log, env=env)
         try:
             url = f"http://{HOST}:{port}"
@@ -168,22 +179,25 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
     start = time.perf_counter()
     stamps: list[float] = []
     parser, done, usage = SSEParser(), False, None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
-        if resp.status_code != 200:
-            load.errors.append(f"HTTP {resp.status_code}")
-            return
-        async for raw in resp.aiter_raw():
-            now = time.perf_counter()  # every event in this read arrived now
-            load.reads += 1
-            for event in parser.feed(raw):
-                if event.data == "[DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(event.data)
-                usage = chunk.get("usage") or usage
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    stamps.append(now)
-                    load.tokens += 1
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                load.errors.append(f"HTTP {resp.status_code}")
+                return
+            async for raw in resp.aiter_raw():
+                now = time.perf_counter()  # every event in this read arrived now
+                load.reads += 1
+                for event in parser.feed(raw):
+                    if event.data == "[DONE]":
+                        done = True
+                        continue
+                    chunk = json.loads(event.data)
+                    usage = chunk.get("usage") or usage
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        stamps.append(now)
+                        load.tokens += 1
+    except httpx.HTTPError as err:  # counted, reported, and the run goes on
+        load.errors.append(f"{type(err).__name__}: {err}")
     want = body["simulate"]["tokens"]
     if not done or len(stamps) != want or (usage or {}).get("completion_tokens") != want:
         load.errors.append(f"stream {body['messages'][0]['content']}: {len(stamps)}/{want} tokens, done={done}")
@@ -255,7 +269,7 @@ async def measure(kind: str, label: str, args: argparse.Namespace) -> dict[str, 
         "errors": load.errors,
         "wall_s": round(wall, 4),
         "tokens_per_s": round(load.tokens / wall, 1),
-        "server_cpu_s": round(cpu, 3),
+        "server_cpu_s": round(cpu, 6),
         "cpu_us_per_token": round(cpu / load.tokens * 1e6, 3) if load.tokens else None,
         "client_reads": load.reads,
         "ttft_ms_p50": ms(percentile(load.ttft, 50)),
@@ -279,18 +293,25 @@ def summarize(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return out
 
 
+def cell(value: float | None) -> str:
+    if value is None:
+        return f"{'-':>14}"
+    return f"{value:>14,.0f}" if value >= 1000 or float(value).is_integer() else f"{value:>14,.2f}"
+
+
 def table(summary: dict[str, dict[str, Any]]) -> str:
     kinds = list(summary)
     rows = [f"{'':20}" + "".join(f"{k:>14}" for k in kinds)]
     for m in ("tokens", *METRICS):
-        cells = "".join(f"{summary[k][m]:>14,.1f}" if summary[k][m] is not None else f"{'-':>14}" for k in kinds)
+        cells = "".join(cell(summary[k][m]) for k in kinds)
         rows.append(f"{m:20}{cells}")
     return "\n".join(rows)
 
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for dist in ("trio", "hypercorn", "quart", "quart-trio", "uvicorn", "fastapi", "sse-starlette", "starlette", "httpx", "h11"):
+    for dist in ("trio", "hypercorn", "quart", "quart-trio", "uvicorn", "fastapi",
+                 "sse-starlette", "starlette", "httpx", "h11"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -301,9 +322,12 @@ def environment() -> dict[str, Any]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that repeats this run (what the lesson's table cites)."""
-    cmd = f"refimpl bench --streams {args.streams} --tokens {args.tokens} --itl-ms {args.itl_ms:g} --repeat {args.repeat}"
+    cmd = (f"refimpl bench --streams {args.streams} --tokens {args.tokens}"
+           f" --itl-ms {args.itl_ms:g} --repeat {args.repeat}")
     if args.only:
         cmd += f" --only {args.only}"
+    if args.batch_tokens != 64:
+        cmd += f" --batch-tokens {args.batch_tokens}"
     return cmd + ("" if args.fastwrite else " --no-fastwrite")
 
 
@@ -312,10 +336,17 @@ async def run(args: argparse.Namespace) -> int:
         raise SystemExit("need 1 <= --streams <= 1000, --tokens >= 1, --repeat >= 1")
     kinds = [args.only] if args.only else list(SERVERS)
     runs = []
-    for r in range(args.repeat):
-        # Alternate the order so neither server always runs on a "warmer" machine.
-        for kind in kinds if r % 2 == 0 else kinds[::-1]:
-            runs.append(await measure(kind, f"{kind:>8} run {r + 1}/{args.repeat}", args))
+    timed_out = False
+    try:
+        for r in range(args.repeat):
+            # Alternate the order so neither server always runs on a "warmer" machine.
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                runs.append(await measure(kind, f"{kind:>8} run {r + 1}/{args.repeat}", args))
+    except* trio.TooSlowError:  # the servers are already stopped
+        timed_out = True
+    if timed_out:
+        print(f"\nerror: a load run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
+        return 2
     summary = {k: summarize(runs, k) for k in kinds}
     ratio = None
     if len(kinds) == 2 and all(summary[k]["cpu_us_per_token"] for k in kinds):
@@ -325,7 +356,7 @@ async def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command_line(args),
         "config": {"streams": args.streams, "tokens": args.tokens, "itl_ms": args.itl_ms, "ttft_ms": 0,
-                   "repeat": args.repeat, "fastwrite": args.fastwrite},
+                   "repeat": args.repeat, "fastwrite": args.fastwrite, "batch_tokens": args.batch_tokens},
         "machine": environment(),
         "runs": runs,
         "summary": summary,

@@ -30,6 +30,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
     p.add_argument("--heartbeat", type=float, default=d.heartbeat, help="seconds of silence before ': ping'")
     p.add_argument("--max-active", type=int, default=d.max_active, help="concurrent generations before 429")
+    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
+                   help="drop a client that has read nothing for this many seconds (0: never)")
+    p.add_argument("--ws-ping-interval", type=float, default=d.ws_ping_interval,
+                   help="seconds between WebSocket pings (0: no pings)")
+    p.add_argument("--ws-ping-timeout", type=float, default=d.ws_ping_timeout,
+                   help="drop a WebSocket peer that answers no ping for this many seconds")
+    p.add_argument("--ws-max-message-bytes", type=int, default=d.ws_max_message_bytes,
+                   help="largest WebSocket message accepted (bigger: close 1009)")
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
+                   help="most ready tokens written at once when the model is ahead (1: one write per token)")
     p.add_argument("--model-name", default=d.model_name)
 
 
@@ -42,6 +52,8 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help="simulate: tokens to write")
     p.add_argument("--itl-ms", type=float, default=None, help="simulate: delay between tokens")
     p.add_argument("--ttft-ms", type=float, default=None, help="simulate: delay before the first token")
+    p.add_argument("--protocol", choices=("sse", "ws"), default="sse",
+                   help="SSE (POST /v1/chat/completions) or WebSocket (/v1/ws/chat)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -53,6 +65,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         simulate=sim,
         heartbeat=args.heartbeat,
         max_active=args.max_active,
+        batch_tokens=args.batch_tokens,
+        stall_timeout=args.stall_timeout or None,
+        ws_ping_interval=args.ws_ping_interval or None,
+        ws_ping_timeout=args.ws_ping_timeout,
+        ws_max_message_bytes=args.ws_max_message_bytes,
     )
 
 
@@ -86,22 +103,37 @@ async def run_chat(args: argparse.Namespace) -> int:
         body["max_tokens"] = args.max_tokens
     if simulate:
         body["simulate"] = simulate
+    from .ws_client import CONNECT_ERRORS, connect
+
     first = last = None
     n, usage = 0, None
+
+    def show(event) -> None:  # a client.StreamEvent or a ws_client.WSEvent
+        nonlocal first, last, n, usage
+        if event.content:
+            first = first if first is not None else event.at
+            last, n = event.at, n + 1
+            print(event.content, end="", flush=True)
+        usage = event.usage or usage
+
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
-            start = trio.current_time()  # TTFT counts from the request, not client set-up
-            async for event in stream_chat(client, args.url, body):
-                if event.content:
-                    first = first if first is not None else event.at
-                    last, n = event.at, n + 1
-                    print(event.content, end="", flush=True)
-                usage = event.usage or usage
+        if args.protocol == "ws":
+            async with connect(args.url) as ws:
+                start = trio.current_time()  # TTFT counts from the request, not the handshake
+                async for event in ws.chat(body["messages"], max_tokens=args.max_tokens, simulate=simulate or None):
+                    if event.type == "error":
+                        raise StreamError(event.error)
+                    show(event)
+        else:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+                start = trio.current_time()  # TTFT counts from the request, not client set-up
+                async for event in stream_chat(client, args.url, body):
+                    show(event)
     except StreamError as err:
         print(f"\nerror: {err.error}", file=sys.stderr)
         return 1
-    except httpx.HTTPError as err:
-        print(f"\ncannot reach {args.url}: {err}", file=sys.stderr)
+    except (httpx.HTTPError, *CONNECT_ERRORS) as err:
+        print(f"\ncannot reach {args.url}: {err or err.__cause__}", file=sys.stderr)
         return 1
     print()
     if first is None:

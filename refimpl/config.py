@@ -29,3 +29,14 @@ class Config:
     max_body_bytes: int = 1 << 20
     # Most tokens the writer puts into one write when the model is ahead.
     batch_tokens: int = 64
+    # A client whose socket has taken no bytes for this many seconds is dropped
+    # and its generation cancelled (``stall_timeout``, lesson 10); None: never.
+    # So far enforced for WebSockets (``protocols/ws_watchdog.py``).
+    stall_timeout: float | None = 30.0
+    # WebSocket keepalive (lesson 03): a ping frame every ``ws_ping_interval``
+    # seconds (None: no pings); a peer that sends nothing back within
+    # ``ws_ping_timeout`` seconds is dead and is dropped (``ping_timeout``).
+    ws_ping_interval: float | None = 20.0
+    ws_ping_timeout: float = 20.0
+    # Largest WebSocket message accepted from a client; bigger: close 1009.
+    ws_max_message_bytes: int = 1 << 20

@@ -30,6 +30,7 @@ went away.  The active-generations gauge is decremented there and only there.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -89,24 +90,28 @@ class Generation:
 
     # -- pulling tokens ------------------------------------------------------
     # region: generation-pull
-    async def wait(self, limit: int = 64) -> list[str]:
+    async def wait(self, limit: int = 64, timeout: float = math.inf) -> list[str] | None:
         """Wait for the next token, then take whatever else is ready.
 
-        Returns ``[]`` when the model has finished.  Cancel-safe: if an outer
-        timer (the heartbeat) cancels this await, no token is lost.
+        Returns ``[]`` when the model has finished, and ``None`` if ``timeout``
+        seconds pass with no token (the SSE writer's cue for a heartbeat).
+        One cancel scope serves both that timeout and :meth:`cancel`, and the
+        model's ``next()`` is cancel-safe, so a timeout loses no token.
         """
         self._raise_pending_error()
-        with trio.CancelScope() as self._scope:
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as self._scope:
             if self._cancel_reason is not None:
                 self._scope.cancel()
             try:
                 token = await self._stream.next()
             except ModelError as err:
                 self._error = err
-        self._scope = None
+        timed_out, self._scope = self._scope.cancelled_caught, None
         if self._cancel_reason is not None:
             raise GenerationCancelled(self._cancel_reason)
         self._raise_pending_error()
+        if timed_out:
+            return None
         if token is None:
             self._end("done", self.finish_reason)
             return []
@@ -119,6 +124,8 @@ class Generation:
         If the model fails after some of them, those are still returned and
         the error is raised by the next call: nothing already made is lost.
         """
+        if self._cancel_reason is not None:  # cancelled: the model is stopped
+            raise GenerationCancelled(self._cancel_reason)
         tokens: list[str] = []
         poll = self._stream.poll
         try:

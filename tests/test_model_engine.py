@@ -134,3 +134,17 @@ async def test_error_after_ready_tokens_loses_nothing():
     with pytest.raises(ModelError):
         gen.ready()
     assert gen.trace.names()[-1] == "error"
+
+
+async def test_cancelled_generation_hands_out_no_more_tokens():
+    """After cancel() the model is stopped for every way of pulling from it:
+    ready() as much as wait(), so the trace's count never grows past the
+    cancelled event."""
+    gen = engine().start(request(ttft_ms=0, itl_ms=0, tokens=100), "test")
+    assert len(gen.ready(10)) == 10
+    gen.cancel("shutdown")
+    with pytest.raises(GenerationCancelled):
+        gen.ready()
+    with pytest.raises(GenerationCancelled):
+        await gen.wait()
+    assert gen.completion_tokens == gen.trace.events[-1].tokens == 10

@@ -9,6 +9,7 @@ Two kinds live here, and nothing in ``refimpl`` imports either:
 
   ``naive_sse``     SSE readers that split on ``"\\n"`` (lesson 01)
   ``cut_at_60s``    a Quart stream that forgets ``response.timeout`` (lesson 02)
+  ``seed_ws``       the seed's WebSocket loop, flaws and all (lesson 03)
 
 * **Small working programs** the lessons include by region, so what a
   lesson shows is what the tests run.

@@ -85,9 +85,9 @@ def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
             if not isinstance(v, str) or not v:
                 raise _bad("'simulate.fail_with' must be an error code string.", param)
         elif v is not None and (
-            isinstance(v, bool) or not isinstance(v, int | float) or v < 0
+            isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e9
         ):
-            raise _bad(f"'{param}' must be a number >= 0.", param)
+            raise _bad(f"'{param}' must be a number from 0 to 1e9.", param)
         elif key in ("tokens", "fail_after_tokens", "seed") and v is not None:
             if v != int(v):
                 raise _bad(f"'{param}' must be an integer.", param)

@@ -40,7 +40,6 @@ from collections.abc import AsyncIterator
 from json.encoder import encode_basestring as json_string
 from typing import Any
 
-import trio
 from quart import Quart, Response, request
 
 from ..engine import Engine, Generation, GenerationCancelled
@@ -121,13 +120,12 @@ async def stream_chunks(
         while True:
             tokens = gen.ready(batch)  # what the model has ready, no waiting
             if not tokens:
-                with trio.move_on_after(heartbeat) as timer:
-                    tokens = await gen.wait(batch)  # [] when the model is done
-                if timer.cancelled_caught:  # silence for `heartbeat` seconds
+                tokens = await gen.wait(batch, timeout=heartbeat)
+                if tokens is None:  # silence for `heartbeat` seconds
                     gen.heartbeat()
                     yield PING
                     continue
-                if not tokens:
+                if not tokens:  # the model is done
                     break
             yield framer.content(tokens)
         yield framer.end()
@@ -142,14 +140,28 @@ async def stream_chunks(
 # endregion: sse-stream
 
 
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A plain JSON response.  ASCII-escaped, unlike the stream's chunks:
+    these bodies may echo the client's own strings (an unknown model name),
+    and a lone surrogate, which JSON allows, cannot be encoded as UTF-8."""
+    text = json.dumps(body, separators=(",", ":"))
+    return Response(text, status, headers, content_type="application/json")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json_body() -> Any:
+    """The request's JSON, strictly: no NaN/Infinity, no absurd nesting."""
     if request.mimetype != "application/json":
         raise APIError(415, "Content-Type must be application/json.", code="unsupported_media_type")
     raw = await request.get_data()
     try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise APIError(400, f"We could not parse the JSON body of your request: {err}.", code="invalid_json") from None
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        reason = "it is nested too deeply" if isinstance(err, RecursionError) else err
+        raise APIError(400, f"We could not parse the JSON body of your request: {reason}.", code="invalid_json") from None
 
 
 def register(app: Quart, engine: Engine) -> None:
@@ -199,5 +211,5 @@ async def complete(gen: Generation, headers: dict[str, str]) -> Response:
         ],
         "usage": gen.usage(),
     }
-    return Response(dumps(body), 200, headers, content_type="application/json")
+    return json_response(body, 200, headers)
 # endregion: complete

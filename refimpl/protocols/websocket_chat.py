@@ -1,0 +1,160 @@
+"""``/v1/ws/chat``: chat over one WebSocket, many turns, with cancel and errors.
+
+Strategy
+--------
+A WebSocket (RFC 6455) is one TCP connection carrying messages both ways, for
+as long as both sides like.  That is what SSE cannot give: the client can
+*talk while the server streams*, to say "stop" without hanging up, and can
+ask again on the same socket without a new handshake.  The message schema is
+in ``ws_messages.py``; this module is the shell that moves those messages.
+
+One :class:`ChatSocket` per connection runs two kinds of task in a nursery
+(a WebSocket handler is a plain coroutine, not a response generator, so a
+nursery is fine here; DESIGN §4):
+
+* the **reader** (:meth:`ChatSocket.read_messages`) reads every message as it
+  arrives, even while tokens are streaming out.  That is the whole difference
+  from the loop people usually write (lesson 03 runs it:
+  ``examples/seed_ws.py``), which reads one request and then only writes until
+  the answer is finished, so a ``cancel`` waits unread until it is too late.
+* the **writer** (:meth:`ChatSocket.stream`), one per generation, pulls tokens
+  from the :class:`~refimpl.engine.Generation` and sends them.  It pulls only
+  after the previous send finished, so a client that stops reading stops the
+  model (backpressure, lesson 10) and nothing piles up in memory.
+
+One generation at a time per socket.  A second ``chat`` while one runs gets
+an ``error`` (``generation_in_progress``) and the running one carries on: we
+do not queue it, because a queue would be a hidden buffer with no bound that
+a client cannot see or cancel; a client that wants a new answer sends
+``cancel`` first (or opens a second socket).
+
+Every way a turn can end is written down in the trace: ``done``;
+``error(code)`` when the model fails (the socket stays usable);
+``cancelled(client_cancel)`` for a cancel message; and when the connection
+goes away mid-generation, ``cancelled(client_disconnect)`` (the client closed
+it), ``cancelled(protocol_error)`` (we closed it: 1003 for a binary frame),
+``cancelled(internal_error)`` (a bug of ours: 1011, logged), or the
+watchdog's ``ping_timeout`` / ``stall_timeout`` / ``message_too_big``
+(``ws_watchdog.py``: keepalive pings, dead peers, stalled readers and the
+size limit are handled below ASGI, where the frames and the socket are).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from quart import Quart, websocket
+from quart.wrappers import Websocket
+from wsproto.frame_protocol import CloseReason
+
+from ..config import Config
+from ..engine import Engine, Generation, GenerationCancelled
+from ..model import ModelError
+from ..patterns.errors import APIError
+from . import ws_watchdog
+from .ws_messages import (
+    Cancel,
+    ProtocolViolation,
+    cancelled_message,
+    done_message,
+    error_message,
+    parse_client_message,
+    token_message,
+)
+
+PATH = "/v1/ws/chat"
+log = logging.getLogger("refimpl")
+PROTOCOL = "websocket"  # the trace's protocol name
+
+
+class ChatSocket:
+    """One client connection: a reader task and at most one writer task."""
+
+    def __init__(self, ws: Websocket, engine: Engine, config: Config, watchdog: ws_watchdog.Watchdog) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.config = config
+        self.watchdog = watchdog
+        self.gen: Generation | None = None  # the running generation, if any
+        self.closing: str | None = None  # why *we* are closing the socket
+
+    # region: ws-session
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                violation = await self.read_messages()  # returns only on a violation
+                self.closing, code, reason = "protocol_error", violation.code, violation.reason
+            except Exception:  # a bug of ours: say so (1011), not with a silent 1000
+                log.exception("unexpected error in %s", PATH)
+                self.closing, code, reason = "internal_error", CloseReason.INTERNAL_ERROR, "internal error"
+            nursery.cancel_scope.cancel()  # stop the writer before we close
+        await self.ws.close(code, reason)
+
+    async def read_messages(self) -> ProtocolViolation:
+        while True:
+            data = await self.ws.receive()  # cancelled when the client goes away
+            try:
+                message = parse_client_message(
+                    data, model=self.config.model_name, defaults=self.config.simulate
+                )
+                if isinstance(message, Cancel):
+                    if self.gen is not None:
+                        self.gen.cancel("client_cancel")  # stops the model now
+                elif self.gen is not None:
+                    raise APIError(
+                        400,
+                        "A generation is already running on this socket: wait for its"
+                        ' end or send {"type":"cancel"} first.',
+                        code="generation_in_progress",
+                    )
+                else:
+                    self.gen = self.engine.start(message.request, PROTOCOL)
+                    self.nursery.start_soon(self.stream, self.gen)
+            except ProtocolViolation as violation:
+                return violation
+            except APIError as err:  # a bad message (or 429/503): say so, carry on
+                await self.ws.send(error_message(err))
+    # endregion: ws-session
+
+    # region: ws-stream
+    async def stream(self, gen: Generation) -> None:
+        try:
+            try:
+                while tokens := await gen.wait(self.config.batch_tokens):
+                    await self.ws.send(token_message(tokens))  # blocks if they stop reading
+                last = done_message(gen)
+            except GenerationCancelled as cancel:
+                last = cancelled_message(gen, cancel.reason)
+            except ModelError as err:
+                last = error_message(err, gen.id)
+            # The turn is over (the trace says so) before the client can hear
+            # it, so a chat sent the moment it does is not "in progress".
+            self.gen = None
+            await self.ws.send(last)
+        finally:
+            if self.gen is gen:
+                self.gen = None
+            # Reached with Cancelled when the socket went away mid-generation.
+            gen.close(self.closing or self.watchdog.dropped or "client_disconnect")
+    # endregion: ws-stream
+
+
+def register(app: Quart, engine: Engine) -> None:
+    config: Config = app.config["REFIMPL"]
+    ws_watchdog.install()
+
+    @app.websocket(PATH)
+    async def ws_chat() -> None:
+        ws = websocket._get_current_object()
+        # The watchdog reads its settings from the scope when we accept.
+        watchdog = ws_watchdog.Watchdog(
+            ping_interval=config.ws_ping_interval,
+            ping_timeout=config.ws_ping_timeout,
+            stall_timeout=config.stall_timeout,
+            max_message_bytes=config.ws_max_message_bytes,
+        )
+        ws.scope[ws_watchdog.SCOPE_KEY] = watchdog
+        await ws.accept()
+        await ChatSocket(ws, engine, config, watchdog).run()

@@ -1,0 +1,161 @@
+"""The ``/v1/ws/chat`` message schema (DESIGN §2): what clients send, what we send.
+
+Strategy
+--------
+Pure functions, no I/O, so the schema can be read (and tested) on its own,
+the way ``refimpl/sse/`` is.  ``websocket_chat.py`` is the thin shell that
+moves these messages over the socket.
+
+Every message is one JSON object in one *text* frame (RFC 6455 §5.6), told
+apart by ``"type"``.  Client → server:
+
+``{"type": "chat", "messages": [...], "max_tokens": n, "simulate": {...}}``
+    start a generation; ``messages`` and ``simulate`` are validated by the
+    same code as the HTTP endpoint (``chat_request.py``), so a bad value gets
+    the same error text and ``param`` on every protocol.
+``{"type": "cancel"}``
+    stop the running generation.  With none running it is ignored: a cancel
+    that crosses the ``done`` on the wire is a race, not a mistake.
+
+Server → client: ``token`` (``content``), then exactly one of ``done``
+(``finish_reason``, ``usage``), ``cancelled`` (``usage``) or ``error``
+(``error``: the OpenAI error object of ``patterns/errors.py``).  Two fields
+extend DESIGN §2: ``id`` on those last three (the generation id, for
+``GET /v1/debug/generations/{id}``) and ``reason`` on ``cancelled``
+(``client_cancel``, ``shutdown``...).  When the model is ahead of the
+socket, one ``token`` message carries every token that is ready (at most
+``batch_tokens``), so count tokens with ``usage``, not with messages.
+
+What goes wrong is sorted in two (DESIGN §2): a *bad message* raises
+:class:`~refimpl.patterns.errors.APIError` and is answered with an ``error``
+message, the socket stays usable; a *protocol violation* raises
+:class:`ProtocolViolation`, and the socket is closed with the RFC 6455
+§7.4.1 code: 1003 for a binary frame (we accept only text).  The 1009 for an
+oversized message is sent by hypercorn before the message reaches us
+(``ws_watchdog.py``); 1008 is kept for authentication (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as json_string
+from typing import Any
+
+from wsproto.frame_protocol import CloseReason
+
+from ..engine import Generation
+from ..model import ModelError, ModelRequest, Simulate
+from ..patterns.errors import APIError, error_body
+from .chat_request import parse_messages, parse_simulate
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    request: ModelRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    pass
+
+
+class ProtocolViolation(Exception):
+    """The client broke the protocol, not just a message: close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# The fields each message type may carry; anything else is a typo worth an error.
+_FIELDS = {"chat": {"type", "messages", "max_tokens", "simulate"}, "cancel": {"type"}}
+
+
+def _bad(message: str, param: str | None, code: str) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity by default
+
+
+def _decode(text: str) -> Any:
+    """Strict JSON (RFC 8259): no NaN, no Infinity, no numbers that overflow."""
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:  # RecursionError: "[[[[..." nested too deep
+        raise _bad(f"The message is not valid JSON: {err}.", None, "invalid_json") from None
+
+
+# region: parse-client-message
+def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simulate) -> Chat | Cancel:
+    """One received message, validated; raises APIError or ProtocolViolation."""
+    if not isinstance(data, str):  # bytes; Quart gives None for an empty binary frame
+        raise ProtocolViolation(CloseReason.UNSUPPORTED_DATA, "binary frames are not accepted")
+    body = _decode(data)
+    if not isinstance(body, dict):
+        raise _bad("A message must be a JSON object.", None, "invalid_json")
+    kind = body.get("type")
+    if kind is None:
+        raise _bad("A message needs a 'type': 'chat' or 'cancel'.", "type", "missing_required_parameter")
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise _bad(f"Unknown message type {kind!r}; send 'chat' or 'cancel'.", "type", "unknown_message_type")
+    if unknown := sorted(set(body) - _FIELDS[kind]):
+        raise _bad(f"Unknown field '{unknown[0]}' in a '{kind}' message.", unknown[0], "unknown_parameter")
+    if kind == "cancel":
+        return Cancel()
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        raise _bad("'max_tokens' must be an integer >= 1.", "max_tokens", "invalid_value")
+    return Chat(
+        ModelRequest(
+            messages=parse_messages(body.get("messages")),
+            model=model,
+            max_tokens=max_tokens,
+            simulate=parse_simulate(body.get("simulate"), defaults),
+        )
+    )
+# endregion: parse-client-message
+
+
+# region: server-messages
+# ASCII escapes everywhere: a text frame must be valid UTF-8 (RFC 6455 §5.6),
+# and a lone surrogate -- JSON allows "\ud800", and error messages quote what
+# the client sent -- cannot be encoded as UTF-8, only escaped.
+_TOKEN = '{"type":"token","content":'
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def token_message(tokens: list[str]) -> str:
+    """Pre-encoded: the hot path costs one C-level string escape per message."""
+    return _TOKEN + json_string("".join(tokens)) + "}"
+
+
+def done_message(gen: Generation) -> str:
+    return dumps({"type": "done", "id": gen.id, "finish_reason": gen.finish_reason, "usage": gen.usage()})
+
+
+def cancelled_message(gen: Generation, reason: str) -> str:
+    return dumps({"type": "cancelled", "id": gen.id, "reason": reason, "usage": gen.usage()})
+
+
+def error_message(err: APIError | ModelError, gen_id: str | None = None) -> str:
+    if isinstance(err, ModelError):  # the model failed: our fault, not the client's
+        body = error_body(err.message, "server_error", err.code)
+    else:
+        body = err.body()
+    return dumps({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
+# endregion: server-messages
