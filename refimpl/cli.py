@@ -139,9 +139,12 @@ async def run_chat(args: argparse.Namespace) -> int:
     if first is None:
         print("(no content)")
         return 0
-    gaps = (last - first) / (n - 1) * 1000 if n > 1 else 0.0
-    rate = (n - 1) / (last - first) if n > 1 and last > first else float("inf")
-    print(f"TTFT {(first - start) * 1000:.1f} ms · {n} tokens · "
+    # SSE sends one event per token; a WebSocket message may carry several
+    # (all that were ready), so count tokens from usage when we have it.
+    tokens = (usage or {}).get("completion_tokens", n)
+    gaps = (last - first) / (tokens - 1) * 1000 if tokens > 1 else 0.0
+    rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("inf")
+    print(f"TTFT {(first - start) * 1000:.1f} ms · {tokens} tokens in {n} messages · "
           f"mean ITL {gaps:.2f} ms · {rate:.0f} tokens/s · usage {usage}")
     return 0
 
