@@ -18,8 +18,9 @@ The load generator is this process: one httpx client, N streams, each read to
 the end and parsed with our sans-IO :class:`~refimpl.sse.SSEParser`; every
 content token gets a client-side timestamp, from which come TTFT, ITL and
 end-to-end latency.  Server cost is read from the kernel, not from the
-client's clock: ``utime + stime`` of the server's PID in ``/proc/PID/stat``
-before and after the load, divided by the tokens received.  On a two-core
+client's clock: the CPU time of the server's threads in
+``/proc/PID/task/*/schedstat`` (nanoseconds) before and after the load,
+divided by the tokens received.  On a two-core
 machine the client competes with the server for CPU, which distorts
 *latencies*, but the kernel's account of the server's own CPU time is not
 affected by it.  To keep runs comparable the servers run alternately, each
