@@ -9,6 +9,7 @@ TTFT, tokens/s and usage); ``refimpl bench`` measures the cost per token
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from functools import partial
@@ -89,7 +90,9 @@ async def run_server(config: Config) -> None:
         print(f"  demo page : {url}/")
         print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
         print(f"              -d '{{\"model\":\"{config.model_name}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'")
-        print(f"  python    : refimpl chat \"Why stream tokens?\" --url {url}")
+        me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"
+        print(f"  python    : {me} chat \"Why stream tokens?\" --url {url}")
+        print(f"  websocket : {me} chat \"Why stream tokens?\" --url {url} --protocol ws")
         print(f"  metrics   : {url}/metrics", flush=True)
 
 
