@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig

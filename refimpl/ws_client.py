@@ -28,9 +28,10 @@ client does for a stream that was cut short.  Timestamps come from
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import trio

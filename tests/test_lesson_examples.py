@@ -23,6 +23,7 @@ import pytest
 import trio
 from conftest import chat_body
 
+from refimpl.app import serve
 from refimpl.client import StreamError, stream_chat
 from refimpl.config import Config
 from refimpl.examples import cut_at_60s
@@ -30,7 +31,6 @@ from refimpl.examples.clients import httpx_sse_text, openai_sdk_text
 from refimpl.examples.naive_sse import line_buffered_data, naive_data
 from refimpl.examples.sse_tour import TOUR
 from refimpl.examples.timing import time_full, time_streamed
-from refimpl.app import serve
 from refimpl.model import ModelRequest, Simulate
 from refimpl.protocols.sse_chat import ChunkFramer, dumps
 from refimpl.sse import Event, SSEParser, encode

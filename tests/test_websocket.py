@@ -9,8 +9,9 @@ top are shared with the other ``test_websocket_*.py`` files.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio

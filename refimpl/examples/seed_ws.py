@@ -43,8 +43,9 @@ Nothing in ``refimpl`` imports this module; tests and lesson 03 do.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 from quart import Quart, websocket
