@@ -32,7 +32,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", type=float, default=d.heartbeat, help="seconds of silence before ': ping'")
     p.add_argument("--max-active", type=int, default=d.max_active, help="concurrent generations before 429")
     p.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
-                   help="drop a client that has read nothing for this many seconds (0: never)")
+                   help="WebSocket: drop a client when one frame waited this long to be written (0: never)")
     p.add_argument("--ws-ping-interval", type=float, default=d.ws_ping_interval,
                    help="seconds between WebSocket pings (0: no pings)")
     p.add_argument("--ws-ping-timeout", type=float, default=d.ws_ping_timeout,

@@ -29,9 +29,10 @@ class Config:
     max_body_bytes: int = 1 << 20
     # Most tokens the writer puts into one write when the model is ahead.
     batch_tokens: int = 64
-    # A client whose socket has taken no bytes for this many seconds is dropped
-    # and its generation cancelled (``stall_timeout``, lesson 10); None: never.
-    # So far enforced for WebSockets (``protocols/ws_watchdog.py``).
+    # A WebSocket frame that has waited this many seconds to be written (the
+    # client stopped reading) gets the client dropped and its generation
+    # cancelled (``stall_timeout``; ``protocols/ws_watchdog.py``); None: never.
+    # SSE streams do not enforce it yet (the backpressure work, lesson 10).
     stall_timeout: float | None = 30.0
     # WebSocket keepalive (lesson 03): a ping frame every ``ws_ping_interval``
     # seconds (None: no pings); a peer that sends nothing back within

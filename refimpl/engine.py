@@ -67,8 +67,8 @@ class Generation:
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
         self._error: ModelError | None = None
-        # Set when the generation ends, however it ends: tests and the
-        # WebSocket handler wait on this instead of polling or sleeping.
+        # Set when the generation ends, however it ends, so that tests (and
+        # anything else that must know) wait on it instead of polling.
         self.ended = trio.Event()
 
     # -- what the model has done so far -------------------------------------

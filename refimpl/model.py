@@ -131,7 +131,9 @@ def simulated_text(prompt: str, seed: int) -> list[str]:
     Python's randomised ``hash()``.  Long enough for any realistic ``tokens``
     knob; the stream simply stops at ``tokens``.
     """
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    # surrogatepass: JSON may carry a lone surrogate ("\ud800"), which strict
+    # UTF-8 refuses to encode; the hash only needs *some* stable bytes.
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return _TOKEN.findall(" ".join(rng.choice(_CORPUS) for _ in range(8)))
 

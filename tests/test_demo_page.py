@@ -51,7 +51,7 @@ async def test_send_and_stop_in_chromium(server):
             pytest.fail("chromium is required in CI (.ci/run installs it)")
         pytest.skip("chromium not installed")
     with trio.fail_after(60):
-        seen = await trio.to_thread.run_sync(drive, server.url)
+        seen = await trio.to_thread.run_sync(drive, server.url, abandon_on_cancel=True)
     assert seen["stopped"]["status"] == "stopped by you"
     assert "cancelled(client_disconnect)" in seen["stopped"]["trace"]
     assert seen["done"]["status"].startswith("done: TTFT") and "12 tokens" in seen["done"]["status"]

@@ -33,7 +33,7 @@ CASES = [
     ("unknown knob", "POST", URL, {**OK, "simulate": {"speed": 1}}, None, 400, "unknown_parameter", "simulate.speed"),
     ("negative knob", "POST", URL, {**OK, "simulate": {"itl_ms": -1}}, None, 400, "invalid_value", "simulate.itl_ms"),
     ("NaN", "POST", URL, b'{"model":"refimpl-sim","messages":[],"temperature":NaN}', None, 400, "invalid_json", None),
-    ("huge knob", "POST", URL, b'{"model":"refimpl-sim","messages":[{"role":"user","content":"x"}],"simulate":{"tokens":1e400}}', None, 400, "invalid_value", "simulate.tokens"),
+    ("number overflows", "POST", URL, b'{"model":"refimpl-sim","messages":[{"role":"user","content":"x"}],"simulate":{"tokens":1e400}}', None, 400, "invalid_json", None),
     ("deep nesting", "POST", URL, b"[" * 100_000 + b"]" * 100_000, None, 400, "invalid_json", None),
     ("lone surrogate echoed", "POST", URL, b'{"model":"\\ud800","messages":[{"role":"user","content":"x"}]}', None, 404, "model_not_found", "model"),
     ("role not a string", "POST", URL, {**OK, "messages": [{"role": ["user"], "content": "x"}]}, None, 400, "invalid_value", "messages[0]"),

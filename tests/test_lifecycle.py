@@ -7,7 +7,9 @@ never through logs or sleeps.
 
 from __future__ import annotations
 
+import httpx
 import trio
+import trio.testing
 from conftest import chat_body
 
 from refimpl.sse import SSEParser
@@ -68,7 +70,6 @@ async def test_non_streaming_disconnect_cancels(server):
     body = chat_body(simulate={"ttft_ms": 60_000})
     async with trio.open_nursery() as nursery:
         async def request():
-            import httpx
             async with httpx.AsyncClient() as c:
                 await c.post(server.url + URL, json=body)
 

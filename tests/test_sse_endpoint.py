@@ -134,3 +134,12 @@ async def test_large_stream_is_exact(server, client):
     full = (await client.post(server.url + "/v1/chat/completions", json={**body, "stream": False})).json()
     assert text == full["choices"][0]["message"]["content"]
     assert len(events) == 5000 + 3
+
+
+async def test_lone_surrogate_in_a_prompt_is_served(server, client):
+    """JSON may carry a lone surrogate ("\\ud800"); it must not crash the
+    model's seeding (strict UTF-8 refuses to encode it)."""
+    raw = b'{"model":"refimpl-sim","messages":[{"role":"user","content":"\\ud800"}]}'
+    resp = await client.post(server.url + "/v1/chat/completions", content=raw,
+                             headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 24

@@ -293,7 +293,7 @@ def test_imports_no_io_library() -> None:
         "trio",
         "quart",
         "httpx",
-        "anyio",
+        "anyio", "selectors",
         "hypercorn",
         "asyncio",
         "socket",

@@ -16,6 +16,8 @@ Shared by the SSE endpoint and the WebSocket protocol (lesson 02).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -32,16 +34,39 @@ class ChatParams:
     include_usage: bool
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+def bad_request(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def _int(body: dict[str, Any], key: str, minimum: int) -> int | None:
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity by default
+
+
+def loads_strict(raw: str | bytes, what: str = "the JSON body of your request") -> Any:
+    """Strict JSON (RFC 8259), shared by HTTP bodies and WebSocket messages:
+    no NaN or Infinity, no number that overflows to inf, no nesting so deep
+    that the decoder recurses out ("[[[[..."): each is a 400, not a 500."""
+    try:
+        return json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        reason = "it is nested too deeply" if isinstance(err, RecursionError) else err
+        raise bad_request(f"We could not parse {what}: {reason}.", None, "invalid_json") from None
+
+
+def optional_int(body: dict[str, Any], key: str, minimum: int) -> int | None:
     value = body.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(f"'{key}' must be an integer >= {minimum}.", key)
+        raise bad_request(f"'{key}' must be an integer >= {minimum}.", key)
     return value
 
 
@@ -53,17 +78,17 @@ def _content(value: Any, param: str) -> str:
         texts = [p.get("text") for p in value if isinstance(p, dict)]
         if len(texts) == len(value) and all(isinstance(t, str) for t in texts):
             return "".join(texts)
-    raise _bad("Message content must be a string or a list of text parts.", param)
+    raise bad_request("Message content must be a string or a list of text parts.", param)
 
 
 def parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty array.", "messages")
+        raise bad_request("'messages' must be a non-empty array.", "messages")
     out = []
     for i, msg in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in _ROLES:
-            raise _bad(
+            raise bad_request(
                 f"{param} must be an object with a role in {sorted(_ROLES)}.", param
             )
         out.append((msg["role"], _content(msg.get("content"), param + ".content")))
@@ -75,22 +100,22 @@ def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
     if value is None:
         return defaults
     if not isinstance(value, dict):
-        raise _bad("'simulate' must be an object.", "simulate")
+        raise bad_request("'simulate' must be an object.", "simulate")
     known = {f.name for f in fields(Simulate)}
     for key, v in value.items():
         param = f"simulate.{key}"
         if key not in known:
-            raise _bad(f"Unknown simulate knob '{key}'.", param, "unknown_parameter")
+            raise bad_request(f"Unknown simulate knob '{key}'.", param, "unknown_parameter")
         if key == "fail_with":
             if not isinstance(v, str) or not v:
-                raise _bad("'simulate.fail_with' must be an error code string.", param)
+                raise bad_request("'simulate.fail_with' must be an error code string.", param)
         elif v is not None and (
             isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e9
         ):
-            raise _bad(f"'{param}' must be a number from 0 to 1e9.", param)
+            raise bad_request(f"'{param}' must be a number from 0 to 1e9.", param)
         elif key in ("tokens", "fail_after_tokens", "seed") and v is not None:
             if v != int(v):
-                raise _bad(f"'{param}' must be an integer.", param)
+                raise bad_request(f"'{param}' must be an integer.", param)
     return replace(defaults, **value)
 
 
@@ -101,16 +126,16 @@ def _stop(value: Any) -> tuple[str, ...]:
         return (value,) if value else ()
     if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value):
         return tuple(s for s in value if s)
-    raise _bad("'stop' must be a string or an array of up to 4 strings.", "stop")
+    raise bad_request("'stop' must be a string or an array of up to 4 strings.", "stop")
 
 
 # region: request-validation
 def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> ChatParams:
     if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_json")
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise _bad("You must provide a model parameter.", "model", "missing_required_parameter")
+        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
     if model != served_model:
         raise APIError(
             404,
@@ -121,33 +146,33 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
     messages = parse_messages(body.get("messages"))
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean.", "stream")
+        raise bad_request("'stream' must be a boolean.", "stream")
     options = body.get("stream_options")
     if options is not None and not stream:
-        raise _bad(
+        raise bad_request(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             "stream_options",
         )
     if options is not None and not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object.", "stream_options")
+        raise bad_request("'stream_options' must be an object.", "stream_options")
     include_usage = bool((options or {}).get("include_usage", False))
-    if _int(body, "n", 1) not in (None, 1):
-        raise _bad("Only n=1 is supported.", "n")
+    if optional_int(body, "n", 1) not in (None, 1):
+        raise bad_request("Only n=1 is supported.", "n")
     temperature = body.get("temperature")
     if temperature is not None and (
         isinstance(temperature, bool)
         or not isinstance(temperature, int | float)
         or not 0 <= temperature <= 2
     ):
-        raise _bad("'temperature' must be a number between 0 and 2.", "temperature")
-    max_tokens = _int(body, "max_completion_tokens", 1)
+        raise bad_request("'temperature' must be a number between 0 and 2.", "temperature")
+    max_tokens = optional_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
+        max_tokens = optional_int(body, "max_tokens", 1)
     request = ModelRequest(
         messages=messages,
         model=model,
         max_tokens=max_tokens,
-        seed=_int(body, "seed", -(2**63)),
+        seed=optional_int(body, "seed", -(2**63)),
         stop=_stop(body.get("stop")),
         simulate=parse_simulate(body.get("simulate"), defaults),
     )

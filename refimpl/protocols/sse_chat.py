@@ -46,7 +46,7 @@ from ..engine import Engine, Generation, GenerationCancelled
 from ..model import ModelError
 from ..patterns.errors import APIError, error_body
 from ..sse import comment, encode
-from .chat_request import parse_chat_request
+from .chat_request import loads_strict, parse_chat_request
 
 DONE = encode("[DONE]")
 # The heartbeat is a comment line, which every conforming parser ignores.  It
@@ -118,15 +118,14 @@ async def stream_chunks(
     try:
         yield framer.role()
         while True:
-            tokens = gen.ready(batch)  # what the model has ready, no waiting
-            if not tokens:
-                tokens = await gen.wait(batch, timeout=heartbeat)
-                if tokens is None:  # silence for `heartbeat` seconds
-                    gen.heartbeat()
-                    yield PING
-                    continue
-                if not tokens:  # the model is done
-                    break
+            # What the model has ready, without waiting; else wait for it.
+            tokens = gen.ready(batch) or await gen.wait(batch, timeout=heartbeat)
+            if tokens is None:  # silence for `heartbeat` seconds
+                gen.heartbeat()
+                yield PING
+                continue
+            if not tokens:  # the model is done
+                break
             yield framer.content(tokens)
         yield framer.end()
     except ModelError as err:
@@ -148,20 +147,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(text, status, headers, content_type="application/json")
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json_body() -> Any:
-    """The request's JSON, strictly: no NaN/Infinity, no absurd nesting."""
+    """The request's JSON, strictly (``chat_request.loads_strict``)."""
     if request.mimetype != "application/json":
         raise APIError(415, "Content-Type must be application/json.", code="unsupported_media_type")
-    raw = await request.get_data()
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:
-        reason = "it is nested too deeply" if isinstance(err, RecursionError) else err
-        raise APIError(400, f"We could not parse the JSON body of your request: {reason}.", code="invalid_json") from None
+    return loads_strict(await request.get_data())
 
 
 def register(app: Quart, engine: Engine) -> None:

@@ -38,7 +38,6 @@ oversized message is sent by hypercorn before the message reaches us
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
@@ -48,7 +47,7 @@ from wsproto.frame_protocol import CloseReason
 from ..engine import Generation
 from ..model import ModelError, ModelRequest, Simulate
 from ..patterns.errors import APIError, error_body
-from .chat_request import parse_messages, parse_simulate
+from .chat_request import bad_request, loads_strict, optional_int, parse_messages, parse_simulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,27 +73,8 @@ class ProtocolViolation(Exception):
 _FIELDS = {"chat": {"type", "messages", "max_tokens", "simulate"}, "cancel": {"type"}}
 
 
-def _bad(message: str, param: str | None, code: str) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as inf
-        raise ValueError(f"number out of range: {text}")
-    return value
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity by default
-
-
 def _decode(text: str) -> Any:
-    """Strict JSON (RFC 8259): no NaN, no Infinity, no numbers that overflow."""
-    try:
-        return json.loads(text, parse_float=_finite, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:  # RecursionError: "[[[[..." nested too deep
-        raise _bad(f"The message is not valid JSON: {err}.", None, "invalid_json") from None
+    return loads_strict(text, "the message")
 
 
 # region: parse-client-message
@@ -104,19 +84,17 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
         raise ProtocolViolation(CloseReason.UNSUPPORTED_DATA, "binary frames are not accepted")
     body = _decode(data)
     if not isinstance(body, dict):
-        raise _bad("A message must be a JSON object.", None, "invalid_json")
+        raise bad_request("A message must be a JSON object.", None, "invalid_json")
     kind = body.get("type")
     if kind is None:
-        raise _bad("A message needs a 'type': 'chat' or 'cancel'.", "type", "missing_required_parameter")
+        raise bad_request("A message needs a 'type': 'chat' or 'cancel'.", "type", "missing_required_parameter")
     if not isinstance(kind, str) or kind not in _FIELDS:
-        raise _bad(f"Unknown message type {kind!r}; send 'chat' or 'cancel'.", "type", "unknown_message_type")
+        raise bad_request(f"Unknown message type {kind!r}; send 'chat' or 'cancel'.", "type", "unknown_message_type")
     if unknown := sorted(set(body) - _FIELDS[kind]):
-        raise _bad(f"Unknown field '{unknown[0]}' in a '{kind}' message.", unknown[0], "unknown_parameter")
+        raise bad_request(f"Unknown field '{unknown[0]}' in a '{kind}' message.", unknown[0], "unknown_parameter")
     if kind == "cancel":
         return Cancel()
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise _bad("'max_tokens' must be an integer >= 1.", "max_tokens", "invalid_value")
+    max_tokens = optional_int(body, "max_tokens", 1)
     return Chat(
         ModelRequest(
             messages=parse_messages(body.get("messages")),

@@ -8,28 +8,32 @@
 // characters split across reads intact.
 export class SSEParser {
   constructor() {
-    this.buffer = "";
+    this.buffer = ""; // the unfinished last line
     this.data = [];
     this.type = "";
+    this.idBuffer = ""; // the id field's value, published at dispatch
     this.lastEventId = "";
-    this.pendingCR = false;
+    this.pendingCR = false; // the last chunk ended in CR: skip a leading LF
     this.first = true;
   }
 
   feed(text) {
-    if (this.first && text.length) {
-      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    if (!text) return []; // an empty read changes nothing
+    if (this.first) {
       this.first = false;
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
     }
     if (this.pendingCR && text.startsWith("\n")) text = text.slice(1);
-    this.pendingCR = false;
-    const events = [];
+    if (!text) return [];
+    // A CR at the end of a read already ends its line; if the next read
+    // starts with LF, that LF is the second half of the same CRLF.
+    this.pendingCR = text.endsWith("\r");
     const lines = (this.buffer + text).split(/\r\n|\r|\n/);
     this.buffer = lines.pop();
-    // A CR that ended this chunk may be the first half of a CRLF.
-    if (this.buffer === "" && (this.buffer + text).endsWith("\r")) this.pendingCR = true;
+    const events = [];
     for (const line of lines) {
       if (line === "") {
+        this.lastEventId = this.idBuffer; // set even when nothing is dispatched
         if (this.data.length) {
           events.push({ type: this.type || "message", data: this.data.join("\n"), lastEventId: this.lastEventId });
         }
@@ -37,14 +41,15 @@ export class SSEParser {
         this.type = "";
         continue;
       }
-      if (line.startsWith(":")) continue;
+      if (line.startsWith(":")) continue; // a comment: heartbeats
       const colon = line.indexOf(":");
       const field = colon === -1 ? line : line.slice(0, colon);
       let value = colon === -1 ? "" : line.slice(colon + 1);
       if (value.startsWith(" ")) value = value.slice(1);
       if (field === "data") this.data.push(value);
       else if (field === "event") this.type = value;
-      else if (field === "id" && !value.includes("\0")) this.lastEventId = value;
+      else if (field === "id" && !value.includes("\0")) this.idBuffer = value;
+      else if (field === "retry" && /^[0-9]+$/.test(value)) this.retry = Number(value);
     }
     return events;
   }
