@@ -41,7 +41,7 @@ def test_js_parser_matches_the_case_table():
     payload = json.dumps([{"name": c.name, "text": t} for c, t in cases])
     out = subprocess.run([NODE, str(SCRIPT)], input=payload, capture_output=True, text=True, check=True)
     results = json.loads(out.stdout)
-    for case, text in cases:
+    for case, _ in cases:
         expected = [[e.type, e.data, e.last_event_id] for e in case.events]
         for i, way in enumerate(results[case.name]):
             assert way["events"] == expected, f"{case.name!r}, way {i}"
