@@ -16,8 +16,6 @@ Shared by the SSE endpoint and the WebSocket protocol (lesson 02).
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -37,28 +35,6 @@ class ChatParams:
 def bad_request(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as inf
-        raise ValueError(f"number out of range: {text}")
-    return value
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity by default
-
-
-def loads_strict(raw: str | bytes, what: str = "the JSON body of your request") -> Any:
-    """Strict JSON (RFC 8259), shared by HTTP bodies and WebSocket messages:
-    no NaN or Infinity, no number that overflows to inf, no nesting so deep
-    that the decoder recurses out ("[[[[..."): each is a 400, not a 500."""
-    try:
-        return json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as err:
-        reason = "it is nested too deeply" if isinstance(err, RecursionError) else err
-        raise bad_request(f"We could not parse {what}: {reason}.", None, "invalid_json") from None
 
 
 def optional_int(body: dict[str, Any], key: str, minimum: int) -> int | None:

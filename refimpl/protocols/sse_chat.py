@@ -35,7 +35,6 @@ already available leaves in one write (``Generation.ready``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from json.encoder import encode_basestring as json_string
 from typing import Any
@@ -43,10 +42,11 @@ from typing import Any
 from quart import Quart, Response, request
 
 from ..engine import Engine, Generation, GenerationCancelled
+from ..jsonwire import dumps, dumps_ascii, loads_strict
 from ..model import ModelError
 from ..patterns.errors import APIError, error_body
 from ..sse import comment, encode
-from .chat_request import loads_strict, parse_chat_request
+from .chat_request import parse_chat_request
 
 DONE = encode("[DONE]")
 # The heartbeat is a comment line, which every conforming parser ignores.  It
@@ -56,10 +56,6 @@ DONE = encode("[DONE]")
 PING = comment("ping") + b"\n"
 SYSTEM_FINGERPRINT = "fp_refimpl"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 # region: chunk-framer
@@ -143,12 +139,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     """A plain JSON response.  ASCII-escaped, unlike the stream's chunks:
     these bodies may echo the client's own strings (an unknown model name),
     and a lone surrogate, which JSON allows, cannot be encoded as UTF-8."""
-    text = json.dumps(body, separators=(",", ":"))
-    return Response(text, status, headers, content_type="application/json")
+    return Response(dumps_ascii(body), status, headers, content_type="application/json")
 
 
 async def read_json_body() -> Any:
-    """The request's JSON, strictly (``chat_request.loads_strict``)."""
+    """The request's JSON, strictly (``jsonwire.loads_strict``)."""
     if request.mimetype != "application/json":
         raise APIError(415, "Content-Type must be application/json.", code="unsupported_media_type")
     return loads_strict(await request.get_data())

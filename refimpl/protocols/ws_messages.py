@@ -37,7 +37,6 @@ oversized message is sent by hypercorn before the message reaches us
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
@@ -45,9 +44,10 @@ from typing import Any
 from wsproto.frame_protocol import CloseReason
 
 from ..engine import Generation
+from ..jsonwire import dumps_ascii, loads_strict
 from ..model import ModelError, ModelRequest, Simulate
 from ..patterns.errors import APIError, error_body
-from .chat_request import bad_request, loads_strict, optional_int, parse_messages, parse_simulate
+from .chat_request import bad_request, optional_int, parse_messages, parse_simulate
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +113,17 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
 _TOKEN = '{"type":"token","content":'
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
 def token_message(tokens: list[str]) -> str:
     """Pre-encoded: the hot path costs one C-level string escape per message."""
     return _TOKEN + json_string("".join(tokens)) + "}"
 
 
 def done_message(gen: Generation) -> str:
-    return dumps({"type": "done", "id": gen.id, "finish_reason": gen.finish_reason, "usage": gen.usage()})
+    return dumps_ascii({"type": "done", "id": gen.id, "finish_reason": gen.finish_reason, "usage": gen.usage()})
 
 
 def cancelled_message(gen: Generation, reason: str) -> str:
-    return dumps({"type": "cancelled", "id": gen.id, "reason": reason, "usage": gen.usage()})
+    return dumps_ascii({"type": "cancelled", "id": gen.id, "reason": reason, "usage": gen.usage()})
 
 
 def error_message(err: APIError | ModelError, gen_id: str | None = None) -> str:
@@ -135,5 +131,5 @@ def error_message(err: APIError | ModelError, gen_id: str | None = None) -> str:
         body = error_body(err.message, "server_error", err.code)
     else:
         body = err.body()
-    return dumps({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
+    return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
 # endregion: server-messages

@@ -53,7 +53,8 @@ import trio
 from hypercorn.protocol.events import Data, Event, StreamClosed
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.typing import WebsocketAcceptEvent
-from wsproto.events import CloseConnection, Event as WSProtoEvent, Ping
+from wsproto.events import CloseConnection, Ping
+from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
 #: The ASGI scope key a route sets to a :class:`Watchdog` before accepting.
