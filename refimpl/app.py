@@ -83,6 +83,12 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
             raise APIError(404, f"No generation with id '{gen_id}'.", code="not_found")
         return json_response(gen.to_json())
 
+    @app.before_serving
+    async def start_model_clock() -> None:
+        # The simulated model's shared timer lives in the lifespan nursery.
+        if isinstance(engine.backend, SimulatedModel):
+            engine.backend.clock.attach(app.nursery)
+
     @app.after_serving
     async def stop_generations() -> None:
         engine.accepting = False

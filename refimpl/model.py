@@ -44,6 +44,8 @@ from typing import Protocol
 
 import trio
 
+from .simclock import SharedClock
+
 # A simulated tokenizer: every word (with the space before it) and every
 # punctuation mark is one token.  Real tokenizers split differently, but the
 # counts are stable, deterministic and easy to check by eye.
@@ -141,8 +143,9 @@ def simulated_text(prompt: str, seed: int) -> list[str]:
 class _SimulatedStream:
     """One simulated generation: a cursor over pre-computed tokens and deadlines."""
 
-    def __init__(self, request: ModelRequest) -> None:
+    def __init__(self, request: ModelRequest, clock: SharedClock) -> None:
         sim = request.simulate
+        self._sleep_until = clock.sleep_until
         seed = sim.seed if sim.seed is not None else (request.seed or 0)
         self._text = simulated_text(request.prompt, seed)
         self._want = sim.tokens
@@ -162,7 +165,7 @@ class _SimulatedStream:
     # region: model-step
     async def next(self) -> str | None:
         if self.finish_reason is None and not self._out_of_tokens():
-            await trio.sleep_until(self._due)  # cancel-safe: same deadline on retry
+            await self._sleep_until(self._due)  # cancel-safe: same deadline on retry
         return self._take()
 
     def poll(self) -> str | None:
@@ -218,7 +221,15 @@ class _SimulatedStream:
 
 
 class SimulatedModel:
-    """The embedded default backend: no weights, exact timing, readable text."""
+    """The embedded default backend: no weights, exact timing, readable text.
+
+    Its streams sleep on a :class:`~refimpl.simclock.SharedClock`: plain
+    ``trio.sleep_until`` until the app attaches the clock to its lifespan
+    nursery, then one shared timer for all streams (lesson 13).
+    """
+
+    def __init__(self, clock: SharedClock | None = None) -> None:
+        self.clock = clock or SharedClock()
 
     def start(self, request: ModelRequest) -> TokenStream:
-        return _SimulatedStream(request)
+        return _SimulatedStream(request, self.clock)

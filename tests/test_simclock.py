@@ -1,0 +1,73 @@
+"""The simulated model's shared clock, on trio's virtual clock.
+
+Each sleeper must wake exactly at its deadline (not earlier, not later), in
+deadline order, however the deadlines arrive; a sleeper cancelled while
+parked must never be woken and must be able to sleep again; and the timer
+task must go away when nobody is waiting.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from refimpl.simclock import SharedClock
+
+
+async def test_sleepers_wake_exactly_at_their_deadlines(autojump_clock):
+    woke: list[tuple[str, float]] = []
+    async with trio.open_nursery() as nursery:
+        clock = SharedClock()
+        clock.attach(nursery)
+        start = trio.current_time()
+
+        async def sleeper(name: str, delay: float) -> None:
+            await clock.sleep_until(start + delay)
+            woke.append((name, trio.current_time() - start))
+
+        # Arrive latest-first, so each new one is earlier than the timer's.
+        for name, delay in [("c", 3.0), ("b", 2.0), ("a", 1.0), ("a2", 1.0)]:
+            nursery.start_soon(sleeper, name, delay)
+    # (trio runs tasks woken together in no fixed order: "a" and "a2" tie)
+    assert sorted(n for n, _ in woke[:2]) == ["a", "a2"] and [n for n, _ in woke[2:]] == ["b", "c"]
+    assert dict(woke) == pytest.approx({"a": 1.0, "a2": 1.0, "b": 2.0, "c": 3.0})
+    assert clock.sleepers == 0 and not clock._running  # the timer task is gone
+
+
+async def test_cancelled_sleeper_is_skipped_and_can_sleep_again(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        clock = SharedClock()
+        clock.attach(nursery)
+        start = trio.current_time()
+        with trio.move_on_after(0.5) as timer:  # the heartbeat's job
+            await clock.sleep_until(start + 2.0)
+        assert timer.cancelled_caught and clock.sleepers == 0
+        await clock.sleep_until(start + 2.0)  # same deadline, resumed
+        assert trio.current_time() - start == pytest.approx(2.0)
+
+
+async def test_unattached_clock_is_plain_sleep_until(autojump_clock):
+    clock = SharedClock()
+    start = trio.current_time()
+    await clock.sleep_until(start + 1.5)
+    assert trio.current_time() - start == pytest.approx(1.5)
+    assert clock.sleepers == 0 and not clock._running
+
+
+async def test_shutdown_wakes_parked_sleepers(autojump_clock):
+    """If the app cancels the timer task, parked streams are woken, not stranded."""
+    woke = trio.Event()
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as lifespan:
+            clock = SharedClock()
+            clock.attach(lifespan)
+
+            async def sleeper() -> None:
+                await clock.sleep_until(trio.current_time() + 3600)
+                woke.set()
+
+            outer.start_soon(sleeper)
+            await trio.testing.wait_all_tasks_blocked()
+            lifespan.cancel_scope.cancel()
+        with trio.fail_after(1):
+            await woke.wait()
