@@ -27,9 +27,10 @@ two ways to get a token:
   when the model is faster than the network, everything that is ready leaves
   in one write (lesson 02, "cost per token").
 
-The simulated model sleeps on absolute deadlines (``trio.sleep_until``), which
-is what makes ``next()`` cancel-safe: sleeping again until the same deadline
-simply resumes the wait.  A token becomes due ``itl_ms`` after the previous one
+The simulated model sleeps on absolute deadlines (``trio.sleep_until``, or the
+app's :class:`~refimpl.simclock.SharedClock`, which does the same for every
+stream with one timer), which is what makes ``next()`` cancel-safe: sleeping
+again until the same deadline simply resumes the wait.  A token becomes due ``itl_ms`` after the previous one
 was *taken*, so a reader that stops pulling stops the model too: that is
 backpressure's "pause" policy for free (lesson 10).
 """
