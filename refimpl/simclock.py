@@ -48,12 +48,16 @@ class SharedClock:
     async def sleep_until(self, deadline: float) -> None:
         if self._nursery is None or deadline <= trio.current_time():
             return await trio.sleep_until(deadline)  # (a due deadline: a checkpoint)
+        if not self._running:
+            try:
+                self._nursery.start_soon(self._run)
+            except RuntimeError:  # the app's nursery has closed: shutting down
+                self._nursery = None
+                return await trio.sleep_until(deadline)
+            self._running = True
         entry = [deadline, next(self._order), trio.lowlevel.current_task()]
         heapq.heappush(self._heap, entry)
-        if not self._running:
-            self._running = True
-            self._nursery.start_soon(self._run)
-        elif self._timer is not None and deadline < self._timer.deadline:
+        if self._timer is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline  # we are now the earliest
 
         def abort(_: object) -> trio.lowlevel.Abort:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from refimpl.simclock import SharedClock
 
@@ -71,3 +72,14 @@ async def test_shutdown_wakes_parked_sleepers(autojump_clock):
             lifespan.cancel_scope.cancel()
         with trio.fail_after(1):
             await woke.wait()
+
+
+async def test_after_the_app_nursery_closed_it_falls_back(autojump_clock):
+    """A stream still sleeping while the app shuts down must not crash on a
+    closed nursery: it sleeps the plain way instead."""
+    async with trio.open_nursery() as lifespan:
+        clock = SharedClock()
+        clock.attach(lifespan)
+    start = trio.current_time()
+    await clock.sleep_until(start + 1.0)
+    assert trio.current_time() - start == pytest.approx(1.0)
