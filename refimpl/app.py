@@ -32,13 +32,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import fastwrite
 from .config import Config
 from .engine import Engine
+from .jsonwire import json_response
 from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
 from .protocols import sse_chat, websocket_chat
-from .protocols.sse_chat import json_response
 
 log = logging.getLogger("refimpl")
 
@@ -139,8 +140,6 @@ async def serve(
     Installs the write fast path first (``fastwrite.py``, lesson 13) unless
     ``REFIMPL_FASTWRITE=0`` is set in the environment.
     """
-    from . import fastwrite
-
     fastwrite.install()
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:

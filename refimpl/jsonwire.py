@@ -13,6 +13,8 @@ bytes identical across them and the edge cases decided once:
   error, a WebSocket message).  JSON can carry a lone surrogate such as
   ``"\\ud800"``, which is not valid Unicode and which UTF-8 cannot encode; an
   ASCII escape passes it back unharmed instead of crashing the response.
+  :func:`json_response` wraps it in the HTTP response every plain JSON
+  endpoint returns.
 * :func:`loads_strict` — RFC 8259 JSON and nothing more: Python's decoder
   also accepts ``NaN`` and ``Infinity``, turns ``1e400`` into ``inf``, and
   recurses out on ``[[[[…``; each of those is the caller's mistake, so each
@@ -25,6 +27,8 @@ import json
 import math
 from typing import Any
 
+from quart import Response
+
 from .patterns.errors import APIError
 
 _COMPACT = (",", ":")
@@ -36,6 +40,12 @@ def dumps(value: Any) -> str:
 
 def dumps_ascii(value: Any) -> str:
     return json.dumps(value, separators=_COMPACT)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A plain JSON response (errors, models, traces, a non-streamed answer):
+    ASCII-escaped, since it may echo the client's own strings (see above)."""
+    return Response(dumps_ascii(body), status, headers, content_type="application/json")
 
 
 def _finite(text: str) -> float:

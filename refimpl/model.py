@@ -30,9 +30,9 @@ two ways to get a token:
 The simulated model sleeps on absolute deadlines (``trio.sleep_until``, or the
 app's :class:`~refimpl.simclock.SharedClock`, which does the same for every
 stream with one timer), which is what makes ``next()`` cancel-safe: sleeping
-again until the same deadline simply resumes the wait.  A token becomes due ``itl_ms`` after the previous one
-was *taken*, so a reader that stops pulling stops the model too: that is
-backpressure's "pause" policy for free (lesson 10).
+again until the same deadline simply resumes the wait.  A token becomes due
+``itl_ms`` after the previous one was *taken*, so a reader that stops pulling
+stops the model too: that is backpressure's "pause" policy for free (lesson 10).
 """
 
 from __future__ import annotations

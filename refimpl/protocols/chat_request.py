@@ -36,7 +36,6 @@ def bad_request(message: str, param: str | None, code: str = "invalid_value") ->
     return APIError(400, message, param=param, code=code)
 
 
-
 def optional_int(body: dict[str, Any], key: str, minimum: int) -> int | None:
     value = body.get(key)
     if value is None:

@@ -42,7 +42,7 @@ from typing import Any
 from quart import Quart, Response, request
 
 from ..engine import Engine, Generation, GenerationCancelled
-from ..jsonwire import dumps, dumps_ascii, loads_strict
+from ..jsonwire import dumps, json_response, loads_strict
 from ..model import ModelError
 from ..patterns.errors import APIError, error_body
 from ..sse import comment, encode
@@ -133,13 +133,6 @@ async def stream_chunks(
         # record it and stop the model (lesson 09).
         gen.close("client_disconnect")
 # endregion: sse-stream
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A plain JSON response.  ASCII-escaped, unlike the stream's chunks:
-    these bodies may echo the client's own strings (an unknown model name),
-    and a lone surrogate, which JSON allows, cannot be encoded as UTF-8."""
-    return Response(dumps_ascii(body), status, headers, content_type="application/json")
 
 
 async def read_json_body() -> Any:
