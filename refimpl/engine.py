@@ -156,7 +156,7 @@ class Generation:
     def cancel(self, reason: str) -> None:
         """Stop the model at once; the writer's ``wait()`` raises
         :class:`GenerationCancelled` (lesson 09)."""
-        if self.trace.finished or self._cancel_reason is not None:
+        if self.trace.finished:  # done, failed, or already cancelled
             return
         self._cancel_reason = reason
         self._end("cancelled", reason)
@@ -170,9 +170,7 @@ class Generation:
     def close(self, reason: str = "client_disconnect") -> None:
         """Called from the writer's ``finally``: if nothing ended the
         generation yet, the writer is leaving early, so it was cancelled."""
-        if not self.trace.finished:
-            self._cancel_reason = reason
-            self._end("cancelled", reason)
+        self.cancel(reason)
 
     def _end(self, name: str, detail: str | None) -> None:
         if self.trace.finished:
