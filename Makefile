@@ -18,6 +18,8 @@ run: $(STAMP)
 	$(BIN)/refimpl serve
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 notebooks: $(STAMP)

@@ -32,14 +32,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import fastwrite
+from . import hypercorn_patches
 from .config import Config
 from .engine import Engine
-from .jsonwire import json_response
 from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
 from .protocols import sse_chat, websocket_chat
+from .protocols.http_json import json_response
 
 log = logging.getLogger("refimpl")
 
@@ -49,7 +49,12 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app = QuartTrio("refimpl")
     app.config["REFIMPL"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    engine = Engine(backend or SimulatedModel(), Metrics(), max_active=config.max_active)
+    engine = Engine(
+        backend or SimulatedModel(),
+        Metrics(),
+        max_active=config.max_active,
+        generation_timeout=config.generation_timeout,
+    )
     app.extensions["refimpl.engine"] = engine
 
     sse_chat.register(app, engine)
@@ -97,7 +102,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
     @app.errorhandler(APIError)
     async def api_error(err: APIError) -> Response:
-        return json_response(err.body(), err.status)
+        return json_response(err.body(), err.status, err.headers())
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:
@@ -113,7 +118,9 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     @app.errorhandler(Exception)
     async def unexpected(err: Exception) -> Response:
         log.exception("unexpected error while handling a request")
-        body = error_body("The server had an error while processing your request.", "server_error", "internal_error")
+        body = error_body(
+            "The server had an error while processing your request.", "server_error", "internal_error"
+        )
         return json_response(body, 500)
 
     return app
@@ -137,10 +144,11 @@ async def serve(
 ) -> None:
     """Serve ``app`` with hypercorn's trio worker; ``task_status`` gets the URL.
 
-    Installs the write fast path first (``fastwrite.py``, lesson 13) unless
-    ``REFIMPL_FASTWRITE=0`` is set in the environment.
+    Installs refimpl's changes to hypercorn first (``hypercorn_patches.py``:
+    the write fast path unless ``REFIMPL_FASTWRITE=0`` is set in the
+    environment, and the WebSocket watchdog).
     """
-    fastwrite.install()
+    hypercorn_patches.install()
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(

@@ -49,13 +49,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--itl-ms", type=float, default=0.0, help="simulated delay between tokens")
     p.add_argument("--repeat", type=int, default=1, help="runs per server; the median is reported")
     p.add_argument("--only", choices=SERVERS, help="measure one server only")
-    p.add_argument("--fastwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="refimpl's hypercorn write fast path (REFIMPL_FASTWRITE)")
-    p.add_argument("--batch-tokens", type=int, default=64,
-                   help="refimpl: most ready tokens per write (1: one write per token, like the peer)")
+    p.add_argument(
+        "--fastwrite",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refimpl's hypercorn write fast path (REFIMPL_FASTWRITE)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=64,
+        help="refimpl: most ready tokens per write (1: one write per token, like the peer)",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for one load run")
-    p.add_argument("--json", type=Path, default=None,
-                   help="results file (default bench-results/bench-<timestamp>.json)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="results file (default bench-results/bench-<timestamp>.json)"
+    )
     p.set_defaults(run=run)
 
 
@@ -68,7 +77,9 @@ async def show_progress(label: str, load: Load, total: int) -> None:
         while True:
             done = load.tokens / total
             bar = "#" * int(30 * done)
-            print(f"\r{label} [{bar:<30}] {load.tokens:,}/{total:,} tokens", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{label} [{bar:<30}] {load.tokens:,}/{total:,} tokens", end="", file=sys.stderr, flush=True
+            )
             await trio.sleep(0.25)
     finally:
         print(f"\r{label} [{'#' * 30}] {load.tokens:,}/{total:,} tokens", file=sys.stderr, flush=True)
@@ -120,8 +131,16 @@ async def measure(kind: str, label: str, args: argparse.Namespace) -> dict[str, 
     }
 
 
-METRICS = ("tokens_per_s", "cpu_us_per_token", "ttft_ms_p50", "ttft_ms_p99",
-           "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "client_reads")
+METRICS = (
+    "tokens_per_s",
+    "cpu_us_per_token",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "itl_ms_p50",
+    "itl_ms_p99",
+    "e2e_ms_p50",
+    "client_reads",
+)
 
 
 def summarize(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -150,20 +169,36 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for dist in ("trio", "hypercorn", "quart", "quart-trio", "uvicorn", "fastapi",
-                 "sse-starlette", "starlette", "httpx", "h11"):
+    for dist in (
+        "trio",
+        "hypercorn",
+        "quart",
+        "quart-trio",
+        "uvicorn",
+        "fastapi",
+        "sse-starlette",
+        "starlette",
+        "httpx",
+        "h11",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that repeats this run (what the lesson's table cites)."""
-    cmd = (f"refimpl bench --streams {args.streams} --tokens {args.tokens}"
-           f" --itl-ms {args.itl_ms:g} --repeat {args.repeat}")
+    cmd = (
+        f"refimpl bench --streams {args.streams} --tokens {args.tokens}"
+        f" --itl-ms {args.itl_ms:g} --repeat {args.repeat}"
+    )
     if args.only:
         cmd += f" --only {args.only}"
     if args.batch_tokens != 64:
@@ -195,8 +230,15 @@ async def run(args: argparse.Namespace) -> int:
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command_line(args),
-        "config": {"streams": args.streams, "tokens": args.tokens, "itl_ms": args.itl_ms, "ttft_ms": 0,
-                   "repeat": args.repeat, "fastwrite": args.fastwrite, "batch_tokens": args.batch_tokens},
+        "config": {
+            "streams": args.streams,
+            "tokens": args.tokens,
+            "itl_ms": args.itl_ms,
+            "ttft_ms": 0,
+            "repeat": args.repeat,
+            "fastwrite": args.fastwrite,
+            "batch_tokens": args.batch_tokens,
+        },
         "machine": environment(),
         "runs": runs,
         "summary": summary,
@@ -205,8 +247,10 @@ async def run(args: argparse.Namespace) -> int:
     path = args.json or Path("bench-results") / f"bench-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{args.streams} streams x {args.tokens} tokens, itl {args.itl_ms} ms, "
-          f"{args.repeat} run(s) each, medians ({os.cpu_count()} CPUs):")
+    print(
+        f"\n{args.streams} streams x {args.tokens} tokens, itl {args.itl_ms} ms, "
+        f"{args.repeat} run(s) each, medians ({os.cpu_count()} CPUs):"
+    )
     print(table(summary))
     if ratio is not None:
         print(f"\nserver CPU per token, refimpl / peer: {ratio:.2f}")

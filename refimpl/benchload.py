@@ -29,6 +29,7 @@ a deadline on starting a server, on stopping it and on a whole load run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -70,12 +71,24 @@ def cpu_seconds(pid: int) -> float:
     except (OSError, ValueError, IndexError):
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 # endregion: server-cpu
 
 
 def server_command(kind: str, port: int, tokens: int, itl_ms: float, batch_tokens: int = 64) -> list[str]:
-    knobs = ["--host", HOST, "--port", str(port), "--itl-ms", str(itl_ms),
-             "--ttft-ms", "0", "--tokens", str(tokens)]
+    knobs = [
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--itl-ms",
+        str(itl_ms),
+        "--ttft-ms",
+        "0",
+        "--tokens",
+        str(tokens),
+    ]
     if kind == "refimpl":
         return [sys.executable, "-m", "refimpl", "serve", *knobs, "--batch-tokens", str(batch_tokens)]
     if not PEER.exists():
@@ -177,11 +190,15 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
         load.errors.append(f"{type(err).__name__}: {err}")
     want = body["simulate"]["tokens"]
     if not done or len(stamps) != want or (usage or {}).get("completion_tokens") != want:
-        load.errors.append(f"stream {body['messages'][0]['content']}: {len(stamps)}/{want} tokens, done={done}")
+        load.errors.append(
+            f"stream {body['messages'][0]['content']}: {len(stamps)}/{want} tokens, done={done}"
+        )
     if stamps:
         load.ttft.append(stamps[0] - start)
-        load.itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
+        load.itl.extend(b - a for a, b in itertools.pairwise(stamps))
         load.e2e.append(time.perf_counter() - start)
+
+
 # endregion: bench-stream
 
 
@@ -193,5 +210,6 @@ async def run_load(url: str, args: argparse.Namespace, load: Load) -> None:
             async with trio.open_nursery() as nursery:
                 load.started = time.perf_counter()
                 for i in range(args.streams):
-                    nursery.start_soon(one_stream, client, url, request_body(i, args.tokens, args.itl_ms), load)
-
+                    nursery.start_soon(
+                        one_stream, client, url, request_body(i, args.tokens, args.itl_ms), load
+                    )

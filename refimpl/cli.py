@@ -9,6 +9,7 @@ TTFT, tokens/s and usage); ``refimpl bench`` measures the cost per token
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -31,16 +32,48 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
     p.add_argument("--heartbeat", type=float, default=d.heartbeat, help="seconds of silence before ': ping'")
     p.add_argument("--max-active", type=int, default=d.max_active, help="concurrent generations before 429")
-    p.add_argument("--stall-timeout", type=float, default=d.stall_timeout,
-                   help="WebSocket: drop a client when one frame waited this long to be written (0: never)")
-    p.add_argument("--ws-ping-interval", type=float, default=d.ws_ping_interval,
-                   help="seconds between WebSocket pings (0: no pings)")
-    p.add_argument("--ws-ping-timeout", type=float, default=d.ws_ping_timeout,
-                   help="drop a WebSocket peer that answers no ping for this many seconds")
-    p.add_argument("--ws-max-message-bytes", type=int, default=d.ws_max_message_bytes,
-                   help="largest WebSocket message accepted (bigger: close 1009)")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens,
-                   help="most ready tokens written at once when the model is ahead (1: one write per token)")
+    p.add_argument(
+        "--generation-timeout",
+        type=float,
+        default=0,
+        help="fail a generation still running after this many seconds with code 'timeout' (0: never)",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=float,
+        default=d.retry_after,
+        help="seconds a client should wait before retrying a 503 (Retry-After)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=d.stall_timeout,
+        help="WebSocket: drop a client when one frame waited this long to be written (0: never)",
+    )
+    p.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        default=d.ws_ping_interval,
+        help="seconds between WebSocket pings (0: no pings)",
+    )
+    p.add_argument(
+        "--ws-ping-timeout",
+        type=float,
+        default=d.ws_ping_timeout,
+        help="drop a WebSocket peer that answers no ping for this many seconds",
+    )
+    p.add_argument(
+        "--ws-max-message-bytes",
+        type=int,
+        default=d.ws_max_message_bytes,
+        help="largest WebSocket message accepted (bigger: close 1009)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=d.batch_tokens,
+        help="most ready tokens written at once when the model is ahead (1: one write per token)",
+    )
     p.add_argument("--model-name", default=d.model_name)
 
 
@@ -53,8 +86,12 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help="simulate: tokens to write")
     p.add_argument("--itl-ms", type=float, default=None, help="simulate: delay between tokens")
     p.add_argument("--ttft-ms", type=float, default=None, help="simulate: delay before the first token")
-    p.add_argument("--protocol", choices=("sse", "ws"), default="sse",
-                   help="SSE (POST /v1/chat/completions) or WebSocket (/v1/ws/chat)")
+    p.add_argument(
+        "--protocol",
+        choices=("sse", "ws"),
+        default="sse",
+        help="SSE (POST /v1/chat/completions) or WebSocket (/v1/ws/chat)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -66,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         simulate=sim,
         heartbeat=args.heartbeat,
         max_active=args.max_active,
+        generation_timeout=args.generation_timeout or None,
+        retry_after=args.retry_after,
         batch_tokens=args.batch_tokens,
         stall_timeout=args.stall_timeout or None,
         ws_ping_interval=args.ws_ping_interval or None,
@@ -76,6 +115,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 async def run_server(config: Config) -> None:
     from .app import create_app, serve
+
+    # The server's own log lines (a failed generation, a bug) go to stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("refimpl").addHandler(handler)
+    logging.getLogger("refimpl").setLevel(logging.INFO)
 
     async def until_signal() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -89,10 +134,12 @@ async def run_server(config: Config) -> None:
         print(f"refimpl is streaming on {url}  (Ctrl-C to stop)")
         print(f"  demo page : {url}/")
         print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
-        print(f"              -d '{{\"model\":\"{config.model_name}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'")
-        me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"
-        print(f"  python    : {me} chat \"Why stream tokens?\" --url {url}")
-        print(f"  websocket : {me} chat \"Why stream tokens?\" --url {url} --protocol ws")
+        print(
+            f'              -d \'{{"model":"{config.model_name}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
+        )
+        me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"  # noqa: ASYNC240
+        print(f'  python    : {me} chat "Why stream tokens?" --url {url}')
+        print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
         print(f"  metrics   : {url}/metrics", flush=True)
 
 
@@ -100,8 +147,11 @@ async def run_chat(args: argparse.Namespace) -> int:
     from .client import StreamError, stream_chat
 
     simulate = {k: v for k in ("tokens", "itl_ms", "ttft_ms") if (v := getattr(args, k)) is not None}
-    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}],
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": args.prompt}],
+        "stream_options": {"include_usage": True},
+    }
     if args.max_tokens is not None:
         body["max_tokens"] = args.max_tokens
     if simulate:
@@ -123,7 +173,9 @@ async def run_chat(args: argparse.Namespace) -> int:
         if args.protocol == "ws":
             async with connect(args.url) as ws:
                 start = trio.current_time()  # TTFT counts from the request, not the handshake
-                async for event in ws.chat(body["messages"], max_tokens=args.max_tokens, simulate=simulate or None):
+                async for event in ws.chat(
+                    body["messages"], max_tokens=args.max_tokens, simulate=simulate or None
+                ):
                     if event.type == "error":
                         raise StreamError(event.error)
                     show(event)
@@ -147,8 +199,10 @@ async def run_chat(args: argparse.Namespace) -> int:
     tokens = (usage or {}).get("completion_tokens", n)
     gaps = (last - first) / (tokens - 1) * 1000 if tokens > 1 else 0.0
     rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("inf")
-    print(f"TTFT {(first - start) * 1000:.1f} ms · {tokens} tokens in {n} messages · "
-          f"mean ITL {gaps:.2f} ms · {rate:.0f} tokens/s · usage {usage}")
+    print(
+        f"TTFT {(first - start) * 1000:.1f} ms · {tokens} tokens in {n} messages · "
+        f"mean ITL {gaps:.2f} ms · {rate:.0f} tokens/s · usage {usage}"
+    )
     return 0
 
 

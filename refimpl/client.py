@@ -67,6 +67,8 @@ async def stream_chat(
                     raise StreamError(payload["error"])
                 yield _to_event(payload)
     raise StreamError({"message": "the stream ended without [DONE]", "code": "incomplete"})
+
+
 # endregion: client-stream
 
 

@@ -23,6 +23,12 @@ class Config:
     simulate: Simulate = field(default_factory=Simulate)
     # Seconds of silence after which an SSE stream sends ": ping" (lesson 08).
     heartbeat: float = 15.0
+    # A generation still running this many seconds after it was accepted
+    # fails with code "timeout" (lesson 07); None: no limit.
+    generation_timeout: float | None = None
+    # Seconds a client should wait before retrying a 503 (overloaded,
+    # shutting down): sent as Retry-After and retry-after-ms (lesson 07).
+    retry_after: float = 1.0
     # Admission control: more concurrent generations than this get HTTP 429.
     max_active: int = 1024
     # Largest request body accepted, in bytes (HTTP 413 above it).
@@ -31,7 +37,8 @@ class Config:
     batch_tokens: int = 64
     # A WebSocket frame that has waited this many seconds to be written (the
     # client stopped reading) gets the client dropped and its generation
-    # cancelled (``stall_timeout``; ``protocols/ws_watchdog.py``); None: never.
+    # cancelled (``stall_timeout``; the watchdog in ``hypercorn_patches.py``);
+    # None: never.
     # SSE streams do not enforce it yet (the backpressure work, lesson 10).
     stall_timeout: float | None = 30.0
     # WebSocket keepalive (lesson 03): a ping frame every ``ws_ping_interval``

@@ -12,24 +12,34 @@ Why pull, and not a model task feeding a channel?  DESIGN §4 measured that
 each hand-off between tasks costs trips through the trio scheduler *per
 token*, and that doing the model step and the framing in the one task that
 writes the response is the cheapest shape.  The protocol's writer calls
-:meth:`Generation.wait` (block for at least one token) and then
-:meth:`Generation.ready` (everything else already available, no waiting), so
+:meth:`Generation.pull`: everything already available (:meth:`~Generation.ready`,
+no waiting), else block for at least one token (:meth:`~Generation.wait`), so
 when the model is faster than the socket several tokens leave in one write.
 Nothing is buffered: a writer that is blocked on a slow socket is simply not
 pulling, so the model is not stepping (backpressure, lesson 10).  And no
 nursery or cancel scope is held open across a ``yield`` of the response body
 generator (DESIGN §4): the only cancel scope lives inside ``wait()``.
 
+What a pull returns.  ``ready()`` returns the tokens available now, maybe
+none; ``wait()`` and ``pull()`` return tokens (never an empty list), :data:`FINISHED`, or
+:data:`SILENT` (no token for ``timeout`` seconds: time for a heartbeat,
+``patterns/heartbeat.py``).  Failures are exceptions, never return values:
+:class:`~refimpl.backend.ModelError` when the model failed (lesson 07; a bug
+in a backend becomes ``internal_error``, and ``--generation-timeout``
+becomes ``timeout``), :class:`GenerationCancelled` once it was cancelled.
+
 How it ends.  A generation ends exactly once, with one of the trace's terminal
-events: ``done`` (the model finished), ``error`` (the model raised
-:class:`~refimpl.model.ModelError`), or ``cancelled(reason)``: either someone
-called :meth:`Generation.cancel` (a WebSocket ``cancel`` message, shutdown) or
-the writer's ``finally`` called :meth:`Generation.close` because the client
-went away.  The active-generations gauge is decremented there and only there.
+events: ``done`` (the model finished), ``error(code)`` (it failed), or
+``cancelled(reason)``: someone called :meth:`Generation.cancel` -- a
+WebSocket ``cancel`` message, shutdown, or the writer itself, whose
+``finally`` finds the generation not :attr:`~Generation.finished` because
+the client went away first.  The active-generations gauge is decremented
+there and only there.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import secrets
 import time
@@ -38,18 +48,34 @@ from typing import Any
 
 import trio
 
+from .backend import Backend, ModelError, ModelRequest, TokenStream
 from .metrics import Metrics
-from .model import Backend, ModelError, ModelRequest, TokenStream
+from .patterns import errors
 from .patterns.errors import APIError
 from .trace import Trace
 
 
 class GenerationCancelled(Exception):
-    """Raised from ``wait()`` when :meth:`Generation.cancel` stopped the model."""
+    """Raised by ``wait()`` and ``ready()`` once the generation was cancelled
+    (:meth:`Generation.cancel`); ``reason`` says why (lesson 09)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# region: pull-outcomes
+class Idle(enum.Enum):
+    """What :meth:`Generation.wait` returns when it has no tokens to give."""
+
+    #: The model is done: send the ending (finish_reason, usage, [DONE]).
+    FINISHED = "finished"
+    #: No token came for ``timeout`` seconds: the writer's cue for a heartbeat.
+    SILENT = "silent"
+
+
+FINISHED, SILENT = Idle.FINISHED, Idle.SILENT
+# endregion: pull-outcomes
 
 
 class Generation:
@@ -62,7 +88,10 @@ class Generation:
         self._engine = engine
         # Stamp "accepted" before the model starts, so that the model's own
         # clock (its TTFT deadline) never starts before the trace's.
-        self.trace.record("accepted", 0)
+        accepted = self.trace.record("accepted", 0)
+        # --generation-timeout: past this moment the generation fails with
+        # code "timeout", however busy or silent the model is.
+        self._deadline = accepted.at + (engine.generation_timeout or math.inf)
         self._stream: TokenStream = engine.backend.start(request)
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
@@ -84,63 +113,111 @@ class Generation:
     def finish_reason(self) -> str | None:
         return self._stream.finish_reason
 
+    @property
+    def finished(self) -> bool:
+        """Ended, one way or another (done, error, or cancelled)."""
+        return self.trace.finished
+
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     # -- pulling tokens ------------------------------------------------------
     # region: generation-pull
-    async def wait(self, limit: int = 64, timeout: float = math.inf) -> list[str] | None:
+    async def pull(self, limit: int = 64, timeout: float = math.inf) -> list[str] | Idle:
+        """The writers' one call: the tokens ready now, else wait for some.
+
+        Returns what :meth:`wait` returns.  When tokens are ready (the model
+        is ahead of the socket) nothing else here would wait, so the pull
+        passes through the scheduler once: that lets the rest of the server
+        run, and it is where a writer learns that its client left.  Without
+        it, a writer whose writes do not wait either -- hypercorn drops the
+        writes to a closed connection without a checkpoint -- would run the
+        model to the end for nobody (lesson 09).  One trip per write, not
+        per token: a write carries every token that was ready.
+        """
+        tokens = self.ready(limit)
+        if not tokens:
+            return await self.wait(limit, timeout)
+        await trio.lowlevel.checkpoint()
+        return tokens
+
+    async def wait(self, limit: int = 64, timeout: float = math.inf) -> list[str] | Idle:
         """Wait for the next token, then take whatever else is ready.
 
-        Returns ``[]`` when the model has finished, and ``None`` if ``timeout``
-        seconds pass with no token (the SSE writer's cue for a heartbeat).
-        One cancel scope serves both that timeout and :meth:`cancel`, and the
-        model's ``next()`` is cancel-safe, so a timeout loses no token.
+        Returns a non-empty list of tokens, :data:`FINISHED`, or
+        :data:`SILENT` if ``timeout`` seconds passed with no token.  Raises
+        :class:`ModelError` if the model failed (or the generation ran past
+        ``--generation-timeout``), :class:`GenerationCancelled` if it was
+        cancelled.  One cancel scope serves the timeout, the deadline and
+        :meth:`cancel`, and the model's ``next()`` is cancel-safe, so a
+        timeout loses no token.
         """
         self._raise_pending_error()
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as self._scope:
+        silent_at = trio.current_time() + timeout
+        with trio.CancelScope(deadline=min(silent_at, self._deadline)) as self._scope:
             if self._cancel_reason is not None:
                 self._scope.cancel()
             try:
                 token = await self._stream.next()
-            except ModelError as err:
-                self._error = err
+            except Exception as err:
+                self._error = self._failure(err)
         timed_out, self._scope = self._scope.cancelled_caught, None
         if self._cancel_reason is not None:
             raise GenerationCancelled(self._cancel_reason)
         self._raise_pending_error()
         if timed_out:
-            return None
+            return SILENT
         if token is None:
             self._end("done", self.finish_reason)
-            return []
+            return FINISHED
         self._produced(1)
-        return [token, *self.ready(limit - 1)]
+        return [token, *self._drain(limit - 1)]
 
     def ready(self, limit: int = 64) -> list[str]:
-        """Every token available *now*, without waiting (maybe none).
+        """Every token available *now*, without waiting: maybe none.
 
-        If the model fails after some of them, those are still returned and
-        the error is raised by the next call: nothing already made is lost.
+        An empty list only means "nothing right now"; whether the model has
+        finished is for :meth:`wait` to say.  If the model fails after some
+        tokens, those are still returned and the error is raised by the next
+        call: nothing already made is lost.
         """
         if self._cancel_reason is not None:  # cancelled: the model is stopped
             raise GenerationCancelled(self._cancel_reason)
+        tokens = self._drain(limit)
+        if not tokens:
+            self._raise_pending_error()
+        return tokens
+
+    def _drain(self, limit: int) -> list[str]:
+        """Poll the model until it has nothing ready; a failure is kept for
+        later (``_error``) so that the tokens before it still go out."""
         tokens: list[str] = []
+        if self._error is not None or self._past_deadline():
+            return tokens
         poll = self._stream.poll
         try:
             while len(tokens) < limit and (token := poll()) is not None:
                 tokens.append(token)
-        except ModelError as err:
-            self._error = err
+        except Exception as err:
+            self._error = self._failure(err)
         if tokens:
             self._produced(len(tokens))
-        else:
-            self._raise_pending_error()
         return tokens
+
     # endregion: generation-pull
 
+    def _failure(self, err: Exception) -> ModelError:
+        """A ModelError is an expected failure; anything else is a bug."""
+        return err if isinstance(err, ModelError) else errors.from_bug(err, self.id)
+
+    def _past_deadline(self) -> bool:
+        return self._deadline < math.inf and trio.current_time() >= self._deadline
+
     def _raise_pending_error(self) -> None:
+        if self._error is None and self._past_deadline():
+            limit = self._engine.generation_timeout
+            self._error = ModelError("timeout", f"The generation did not finish within {limit:g} s.")
         if self._error is not None:
             self._end("error", self._error.code)
             raise self._error
@@ -150,6 +227,7 @@ class Generation:
         if self.completion_tokens == n:
             self.trace.record("first_token", n)
         self._engine.metrics.tokens.inc(n)
+
     # endregion: first-token
 
     # -- ending --------------------------------------------------------------
@@ -167,15 +245,12 @@ class Generation:
         self.trace.record("heartbeat", self.completion_tokens)
         self._engine.metrics.heartbeats.inc()
 
-    def close(self, reason: str = "client_disconnect") -> None:
-        """Called from the writer's ``finally``: if nothing ended the
-        generation yet, the writer is leaving early, so it was cancelled."""
-        self.cancel(reason)
-
     def _end(self, name: str, detail: str | None) -> None:
         if self.trace.finished:
             return
         self.trace.record(name, self.completion_tokens, detail)
+        if name == "error":
+            errors.log_failure(self.id, detail, self.completion_tokens)
         self._engine._finished(self, name, detail)
         self.ended.set()
 
@@ -199,10 +274,12 @@ class Engine:
         *,
         max_active: int = 1024,
         keep_finished: int = 512,
+        generation_timeout: float | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_active = max_active
+        self.generation_timeout = generation_timeout
         self.accepting = True
         self.active: dict[str, Generation] = {}
         self._recent: OrderedDict[str, Generation] = OrderedDict()

@@ -1,5 +1,7 @@
 """JSON on the wire: one compact encoder for each purpose, one strict decoder.
 
+No I/O here (it is used by the sans-IO message modules).
+
 Strategy
 --------
 Every protocol module writes and reads JSON; doing it in one place keeps the
@@ -13,8 +15,7 @@ bytes identical across them and the edge cases decided once:
   error, a WebSocket message).  JSON can carry a lone surrogate such as
   ``"\\ud800"``, which is not valid Unicode and which UTF-8 cannot encode; an
   ASCII escape passes it back unharmed instead of crashing the response.
-  :func:`json_response` wraps it in the HTTP response every plain JSON
-  endpoint returns.
+  Every plain JSON endpoint answers with it (``protocols/http_json.py``).
 * :func:`loads_strict` — RFC 8259 JSON and nothing more: Python's decoder
   also accepts ``NaN`` and ``Infinity``, turns ``1e400`` into ``inf``, and
   recurses out on ``[[[[…``; each of those is the caller's mistake, so each
@@ -27,10 +28,6 @@ import json
 import math
 from typing import Any
 
-from quart import Response
-
-from .patterns.errors import APIError
-
 _COMPACT = (",", ":")
 
 
@@ -40,12 +37,6 @@ def dumps(value: Any) -> str:
 
 def dumps_ascii(value: Any) -> str:
     return json.dumps(value, separators=_COMPACT)
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A plain JSON response (errors, models, traces, a non-streamed answer):
-    ASCII-escaped, since it may echo the client's own strings (see above)."""
-    return Response(dumps_ascii(body), status, headers, content_type="application/json")
 
 
 def _finite(text: str) -> float:
@@ -63,5 +54,9 @@ def loads_strict(raw: str | bytes, what: str = "the JSON body of your request") 
     try:
         return json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as err:
+        # Imported here, not at the top: patterns/errors.py encodes its error
+        # events with this module, so a top-level import would be a cycle.
+        from .patterns.errors import APIError
+
         reason = "it is nested too deeply" if isinstance(err, RecursionError) else err
         raise APIError(400, f"We could not parse {what}: {reason}.", code="invalid_json") from None

@@ -28,27 +28,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.active = Gauge(
-            "refimpl_active_generations", "Generations running now.", registry=r
-        )
-        self.generations = Counter(
-            "refimpl_generations", "Generations started.", registry=r
-        )
-        self.tokens = Counter(
-            "refimpl_tokens", "Completion tokens produced.", registry=r
-        )
+        self.active = Gauge("refimpl_active_generations", "Generations running now.", registry=r)
+        self.generations = Counter("refimpl_generations", "Generations started.", registry=r)
+        self.tokens = Counter("refimpl_tokens", "Completion tokens produced.", registry=r)
         self.cancellations = Counter(
             "refimpl_cancellations",
             "Generations stopped early, by reason.",
             ["reason"],
             registry=r,
         )
-        self.errors = Counter(
-            "refimpl_errors", "Generations that failed, by reason.", ["reason"], registry=r
-        )
-        self.heartbeats = Counter(
-            "refimpl_heartbeats", "Keep-alive comments sent.", registry=r
-        )
+        self.errors = Counter("refimpl_errors", "Generations that failed, by reason.", ["reason"], registry=r)
+        self.heartbeats = Counter("refimpl_heartbeats", "Keep-alive comments sent.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,4 @@
-"""The model side of a stream: a ``Backend`` protocol and the simulated model.
+"""The simulated model: the embedded default backend.
 
 Strategy
 --------
@@ -12,20 +12,14 @@ the same tokens) and its timing comes from knobs that ride in each request's
 ``ttft_ms``   delay before the first token (prefill, queueing)
 ``itl_ms``    delay between tokens (decode step)
 ``tokens``    how many tokens it wants to write before it stops on its own
-``fail_after_tokens`` / ``fail_with``   raise :class:`ModelError` with that
-              code after that many tokens (lesson 07, mid-stream errors)
+``fail_after_tokens`` / ``fail_with``   fail after that many tokens with that
+              error code, or ``crash``: raise a plain exception, a bug (lesson 07)
 ``seed``      picks the text
 
-A backend hands out a :class:`TokenStream` per generation, which has exactly
-two ways to get a token:
-
-* ``await stream.next()`` waits for the next token (``None`` at the end).  It
-  must be *cancel-safe*: if the await is cancelled (a heartbeat timer fired,
-  the client went away) no token is lost and a later call carries on.
-* ``stream.poll()`` returns a token only if one is ready *right now*, without
-  waiting.  The SSE writer drains ``poll()`` after each ``next()`` so that
-  when the model is faster than the network, everything that is ready leaves
-  in one write (lesson 02, "cost per token").
+The shapes a backend exchanges with the engine (:class:`Backend`,
+:class:`TokenStream` with its cancel-safe ``next()`` and non-blocking
+``poll()``, :class:`ModelRequest`, :class:`ModelError`) live in
+``backend.py``, which does no I/O; they are re-exported here.
 
 The simulated model sleeps on absolute deadlines (``trio.sleep_until``, or the
 app's :class:`~refimpl.simclock.SharedClock`, which does the same for every
@@ -39,24 +33,30 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import trio
 
+from .backend import (  # re-exported: the types every backend shares
+    TOKEN_RE,
+    Backend,
+    ModelError,
+    ModelRequest,
+    Simulate,
+    TokenStream,
+    count_tokens,
+)
 from .simclock import SharedClock
 
-# A simulated tokenizer: every word (with the space before it) and every
-# punctuation mark is one token.  Real tokenizers split differently, but the
-# counts are stable, deterministic and easy to check by eye.
-_TOKEN = re.compile(r"\s*[\w'’-]+|\s*[^\w\s]")
-
-
-def count_tokens(text: str) -> int:
-    """Number of simulated tokens in ``text`` (used for ``prompt_tokens``)."""
-    return len(_TOKEN.findall(text))
-
+__all__ = [
+    "Backend",
+    "ModelError",
+    "ModelRequest",
+    "Simulate",
+    "SimulatedModel",
+    "TokenStream",
+    "count_tokens",
+    "simulated_text",
+]
 
 # The simulated model writes sentences from this small corpus, chosen by a
 # seeded RNG.  They are about streaming so that the demo reads sensibly.
@@ -76,57 +76,6 @@ _CORPUS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Simulate:
-    """Timing and failure knobs for the simulated model (DESIGN §2)."""
-
-    ttft_ms: float = 200.0
-    itl_ms: float = 20.0
-    tokens: int = 64
-    fail_after_tokens: int | None = None
-    fail_with: str = "model_error"
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRequest:
-    """What a backend needs to start one generation, protocol-independent."""
-
-    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
-    model: str = "refimpl-sim"
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    simulate: Simulate = field(default_factory=Simulate)
-
-    @property
-    def prompt(self) -> str:
-        return "\n".join(content for _, content in self.messages)
-
-
-class ModelError(Exception):
-    """The model failed mid-generation; ``code`` names why (OpenAI error code)."""
-
-    def __init__(self, code: str, message: str | None = None) -> None:
-        super().__init__(message or f"The model failed while generating ({code}).")
-        self.code = code
-        self.message = str(self)
-
-
-class TokenStream(Protocol):
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None  # "stop" | "length", set when next() returns None
-
-    async def next(self) -> str | None: ...
-
-    def poll(self) -> str | None: ...
-
-
-class Backend(Protocol):
-    def start(self, request: ModelRequest) -> TokenStream: ...
-
-
 def simulated_text(prompt: str, seed: int) -> list[str]:
     """The full list of tokens the simulated model can write for this prompt.
 
@@ -138,7 +87,7 @@ def simulated_text(prompt: str, seed: int) -> list[str]:
     # UTF-8 refuses to encode; the hash only needs *some* stable bytes.
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
-    return _TOKEN.findall(" ".join(rng.choice(_CORPUS) for _ in range(8)))
+    return TOKEN_RE.findall(" ".join(rng.choice(_CORPUS) for _ in range(8)))
 
 
 class _SimulatedStream:
@@ -175,6 +124,7 @@ class _SimulatedStream:
         if self._due > trio.current_time() and not self._out_of_tokens():
             return None
         return self._take()
+
     # endregion: model-step
 
     def _out_of_tokens(self) -> bool:
@@ -188,6 +138,8 @@ class _SimulatedStream:
         n = self.completion_tokens
         if self._fail_after is not None and n >= self._fail_after:
             self.finish_reason = "error"
+            if self._fail_with == "crash":  # a bug, not a failure it reports
+                raise RuntimeError(f"simulated crash after {n} tokens")
             raise ModelError(self._fail_with)
         if self._max is not None and n >= self._max:
             self.finish_reason = "length"

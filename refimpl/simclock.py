@@ -84,11 +84,10 @@ class SharedClock:
                 task = heapq.heappop(self._heap)[2]
                 if task is not None:
                     trio.lowlevel.reschedule(task)
+
     # endregion: shared-clock
 
     @property
     def sleepers(self) -> int:
         """Sleepers parked now (dead entries not counted)."""
         return sum(1 for entry in self._heap if entry[2] is not None)
-
-

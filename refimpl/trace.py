@@ -67,6 +67,7 @@ class Trace:
         event = TraceEvent(name, trio.current_time(), tokens, detail)
         self.events.append(event)
         return event
+
     # endregion: trace-record
 
     @property
@@ -85,8 +86,7 @@ class Trace:
         return {
             "id": self.id,
             "events": [
-                {"name": e.name, "at": e.at, "tokens": e.tokens, "detail": e.detail}
-                for e in self.events
+                {"name": e.name, "at": e.at, "tokens": e.tokens, "detail": e.detail} for e in self.events
             ],
             "finished": self.finished,
             **extra,

@@ -103,6 +103,7 @@ class WSChat:
 
     async def cancel(self) -> None:
         await self.connection.send_message('{"type":"cancel"}')
+
     # endregion: client-turn
 
 

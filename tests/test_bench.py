@@ -14,8 +14,16 @@ import os
 
 from refimpl import bench, benchload
 
-FIELDS = {"tokens_per_s", "cpu_us_per_token", "ttft_ms_p50", "ttft_ms_p99",
-          "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50", "client_reads"}
+FIELDS = {
+    "tokens_per_s",
+    "cpu_us_per_token",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "itl_ms_p50",
+    "itl_ms_p99",
+    "e2e_ms_p50",
+    "client_reads",
+}
 
 
 def bench_args(*argv: str) -> argparse.Namespace:
@@ -29,17 +37,24 @@ async def test_bench_measures_both_servers_with_exact_token_counts(tmp_path):
     args = bench_args("--streams", "2", "--tokens", "50", "--timeout", "60", "--json", str(out))
     assert await bench.run(args) == 0
     result = json.loads(out.read_text())
-    assert result["config"] == {"streams": 2, "tokens": 50, "itl_ms": 0.0, "ttft_ms": 0,
-                                "repeat": 1, "fastwrite": True, "batch_tokens": 64}
+    assert result["config"] == {
+        "streams": 2,
+        "tokens": 50,
+        "itl_ms": 0.0,
+        "ttft_ms": 0,
+        "repeat": 1,
+        "fastwrite": True,
+        "batch_tokens": 64,
+    }
     assert result["command"] == "refimpl bench --streams 2 --tokens 50 --itl-ms 0 --repeat 1"
     assert result["machine"]["cpus"] == os.cpu_count()
     assert [r["server"] for r in result["runs"]] == ["refimpl", "peer"]
     for run in result["runs"]:
         assert run["tokens"] == 2 * 50 and run["errors"] == []
-        assert FIELDS <= run.keys() and run["server_cpu_s"] >= 0
+        assert run.keys() >= FIELDS and run["server_cpu_s"] >= 0
     for kind in ("refimpl", "peer"):
         summary = result["summary"][kind]
-        assert summary["runs"] == 1 and summary["tokens"] == 100 and FIELDS <= summary.keys()
+        assert summary["runs"] == 1 and summary["tokens"] == 100 and summary.keys() >= FIELDS
     # schedstat counts in nanoseconds: even 100 tokens cost measurable CPU
     cpu = [result["summary"][k]["cpu_us_per_token"] for k in ("refimpl", "peer")]
     assert all(c > 0 for c in cpu) and result["ratio_cpu_us_per_token"] > 0
@@ -47,8 +62,19 @@ async def test_bench_measures_both_servers_with_exact_token_counts(tmp_path):
 
 async def test_repeat_alternates_the_order_and_takes_the_median(tmp_path):
     out = tmp_path / "result.json"
-    args = bench_args("--streams", "1", "--tokens", "20", "--repeat", "2", "--only", "refimpl",
-                      "--no-fastwrite", "--json", str(out))
+    args = bench_args(
+        "--streams",
+        "1",
+        "--tokens",
+        "20",
+        "--repeat",
+        "2",
+        "--only",
+        "refimpl",
+        "--no-fastwrite",
+        "--json",
+        str(out),
+    )
     assert await bench.run(args) == 0
     result = json.loads(out.read_text())
     assert [r["server"] for r in result["runs"]] == ["refimpl", "refimpl"]

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from test_sse_parser import CASES
 
 NODE = shutil.which("node")

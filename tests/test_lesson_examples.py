@@ -86,9 +86,7 @@ async def test_00_full_vs_streamed_ttft(start_server, client, autojump_clock):
     assert streamed.ttft == pytest.approx(ttft, abs=EXACT)
     assert streamed.e2e == pytest.approx(e2e, abs=EXACT)
     # Token k (1-based) is visible at ttft + (k-1) * itl.
-    assert [at for at, _ in streamed.arrivals] == pytest.approx(
-        [ttft + k * itl for k in range(n)], abs=EXACT
-    )
+    assert [at for at, _ in streamed.arrivals] == pytest.approx([ttft + k * itl for k in range(n)], abs=EXACT)
     assert streamed.text == full.text  # same prompt, same seed, same words
 
     # The model did the same work both times; the trace shows it.
@@ -237,8 +235,17 @@ needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl
 async def test_02_headers_http2_have_no_connection(server):
     """'Connection: keep-alive on HTTP/1.1 only (HTTP/2 forbids it).'"""
     pytest.importorskip("h2")
-    args = ["-N", "-D", "-", "--http2-prior-knowledge", server.url + "/v1/chat/completions",
-            "-H", "Content-Type: application/json", "-d", json.dumps(chat_body(stream=True))]
+    args = [
+        "-N",
+        "-D",
+        "-",
+        "--http2-prior-knowledge",
+        server.url + "/v1/chat/completions",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps(chat_body(stream=True)),
+    ]
     out = await trio.to_thread.run_sync(partial(curl, *args))
     head, _, body = out.partition("\n\n")  # text mode turned CRLF into LF
     assert head.startswith("HTTP/2 200")
@@ -358,15 +365,14 @@ async def test_02_forgetting_the_timeout_cuts_at_60s(nursery, autojump_clock):
         url = await nursery.start(partial(serve, cut_at_60s.create_app(fixed=fixed)))
         start = trio.current_time()
         parser, events = SSEParser(), []
-        async with httpx.AsyncClient(timeout=None) as client:
-            async with client.stream("GET", f"{url}/ticks/90") as resp:
-                try:
-                    async for raw in resp.aiter_raw():
-                        events += parser.feed(raw)
-                    cut = False
-                except httpx.RemoteProtocolError as err:
-                    assert "peer closed connection without sending complete message body" in str(err)
-                    cut = True
+        async with httpx.AsyncClient(timeout=None) as client, client.stream("GET", f"{url}/ticks/90") as resp:
+            try:
+                async for raw in resp.aiter_raw():
+                    events += parser.feed(raw)
+                cut = False
+            except httpx.RemoteProtocolError as err:
+                assert "peer closed connection without sending complete message body" in str(err)
+                cut = True
         assert cut is not fixed
         assert trio.current_time() - start == pytest.approx(seconds, abs=EXACT)
         assert len(events) == n_events
@@ -401,7 +407,8 @@ async def test_02_clients_agree(server, client):
     def sdk_full():
         sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         return sdk.chat.completions.create(
-            model="refimpl-sim", messages=[{"role": "user", "content": "Hello"}],
+            model="refimpl-sim",
+            messages=[{"role": "user", "content": "Hello"}],
             extra_body={"simulate": simulate},
         )
 
@@ -412,9 +419,17 @@ async def test_02_clients_agree(server, client):
 
 def test_02_client_needs_done():
     """'A body that ends without [DONE] is an error to our client, not to the SDK.'"""
-    body = encode(json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 1,
-                              "model": "refimpl-sim", "choices": [{"index": 0,
-                              "delta": {"content": "Hi"}, "finish_reason": None}]}))
+    body = encode(
+        json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "refimpl-sim",
+                "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}],
+            }
+        )
+    )
 
     def handler(request: httpx.Request) -> httpx.Response:
         headers = {"content-type": "text/event-stream"}
@@ -429,8 +444,11 @@ def test_02_client_needs_done():
         trio.run(ours)
     assert caught.value.error["code"] == "incomplete"
 
-    sdk = openai.OpenAI(base_url="http://test/v1", api_key="unused",
-                        http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    sdk = openai.OpenAI(
+        base_url="http://test/v1",
+        api_key="unused",
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+    )
     stream = sdk.chat.completions.create(model="refimpl-sim", messages=[], stream=True)
     chunks = list(stream)  # no exception: the SDK stops quietly
     assert [c.choices[0].delta.content for c in chunks] == ["Hi"]
@@ -446,17 +464,18 @@ async def test_02_pre_encoded_chunks_equal_json_dumps(server):
     wire = framer.content(tokens)
     events, _ = parse_all([wire])
     assert len(events) == len(tokens) == wire.count(b"\n\n")
-    for token, event in zip(tokens, events):
+    for token, event in zip(tokens, events, strict=False):
         expected = framer._chunk({"content": token}, None)
         assert event.data == dumps(expected)  # byte for byte, not just parsed
     assert " café".encode() in wire  # non-ASCII leaves as raw UTF-8, as dumps does
-    gen.close("client_disconnect")
+    gen.cancel("client_disconnect")
 
 
 async def test_02_ready_takes_everything_already_due(start_server, autojump_clock):
     """generation-pull: with itl_ms=0 one ready() returns every token; with
     itl_ms>0 it returns [] until the next token is due."""
     server = await start_server()
+
     def request(itl_ms: float) -> ModelRequest:
         sim = Simulate(ttft_ms=0, itl_ms=itl_ms, tokens=5)
         return ModelRequest(messages=(("user", "hi"),), simulate=sim)
@@ -469,7 +488,7 @@ async def test_02_ready_takes_everything_already_due(start_server, autojump_cloc
     await trio.sleep(0.05)
     assert len(slow.ready(64)) == 1
     for gen in (fast, slow):
-        gen.close("client_disconnect")
+        gen.cancel("client_disconnect")
 
 
 def test_01_naive_drops_valid_fields():
@@ -575,7 +594,10 @@ def test_02_cut_at_60s_runs_as_a_script():
     """Push on it 5: `python -m refimpl.examples.cut_at_60s PORT` serves the app."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "refimpl.examples.cut_at_60s", "--fixed", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = proc.stdout.readline()  # printed once the socket is bound

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from refimpl.engine import Engine, GenerationCancelled
+from refimpl.engine import FINISHED, Engine, GenerationCancelled
 from refimpl.metrics import Metrics
 from refimpl.model import (
     ModelError,
@@ -92,9 +92,10 @@ async def test_slow_reader_pauses_the_model(autojump_clock):
 
 async def test_engine_wait_batches_ready_tokens():
     """When the model is ahead of the writer, one wait() takes what is ready,
-    up to the limit; at the end it returns []."""
+    up to the limit; at the end it returns FINISHED, never an empty list."""
     gen = engine().start(request(ttft_ms=0, itl_ms=0, tokens=10), "test")
-    assert [len(await gen.wait(limit=4)) for _ in range(4)] == [4, 4, 2, 0]
+    assert [len(await gen.wait(limit=4)) for _ in range(3)] == [4, 4, 2]
+    assert await gen.wait(limit=4) is FINISHED
     assert gen.trace.names() == ["accepted", "first_token", "done"]
 
 
@@ -102,7 +103,7 @@ async def test_engine_trace_done_and_usage(autojump_clock):
     eng = engine()
     gen = eng.start(request(ttft_ms=100, itl_ms=10, tokens=3), "test")
     tokens = []
-    while batch := await gen.wait():
+    while (batch := await gen.wait()) is not FINISHED:
         tokens += batch
     assert len(tokens) == 3 and gen.usage()["completion_tokens"] == 3
     assert gen.trace.names() == ["accepted", "first_token", "done"]

@@ -27,7 +27,10 @@ def sync_round_trip(url: str) -> tuple:
     full = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=3)
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, seed=3, stream=True,
+            model=MODEL,
+            messages=MESSAGES,
+            seed=3,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -48,7 +51,10 @@ async def test_async_sdk_on_asyncio(server):
     async def run() -> tuple[str, object]:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         stream = await client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+            model=MODEL,
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
             extra_body={"simulate": {"tokens": 10}},
         )
         text, usage = "", None
@@ -69,8 +75,10 @@ async def test_async_sdk_on_asyncio(server):
 
 def sdk_stream_until_error(url: str) -> tuple[str, openai.APIError]:
     stream = sync_client(url).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True,
-        extra_body={"simulate": {"fail_after_tokens": 3, "fail_with": "model_overloaded"}},
+        model=MODEL,
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"simulate": {"fail_after_tokens": 3, "fail_with": "overloaded"}},
     )
     text = ""
     with pytest.raises(openai.APIError) as info:
@@ -82,7 +90,7 @@ def sdk_stream_until_error(url: str) -> tuple[str, openai.APIError]:
 async def test_sdk_raises_on_mid_stream_error(server):
     text, err = await trio.to_thread.run_sync(sdk_stream_until_error, server.url)
     assert text  # the tokens before the failure were delivered
-    assert err.body["code"] == "model_overloaded"
+    assert err.body["code"] == "overloaded"
 
 
 def sdk_bad_requests(url: str) -> list[openai.APIStatusError]:

@@ -165,9 +165,7 @@ def test_a_stream_of_events_round_trips_in_any_chunking(
     messages: list[tuple[str, str | None, str | None]], heartbeat: str, cuts: list[int]
 ) -> None:
     # Events with heartbeat comments between them, cut at arbitrary points.
-    body = b"".join(
-        comment(heartbeat) + encode(d, event=e, id=i) for d, e, i in messages
-    )
+    body = b"".join(comment(heartbeat) + encode(d, event=e, id=i) for d, e, i in messages)
     bounds = [0, *sorted(min(c, len(body)) for c in cuts), len(body)]
     parser = SSEParser()
     events = [ev for a, b in pairwise(bounds) for ev in parser.feed(body[a:b])]

@@ -113,9 +113,7 @@ CASES = [
         [msg("a", "x"), msg("b")],
     ),
     Case("empty event is message", b"event: x\nevent:\ndata: a\n\n", [msg("a")]),
-    Case(
-        "event reset even if nothing dispatched", b"event: x\n\ndata: a\n\n", [msg("a")]
-    ),
+    Case("event reset even if nothing dispatched", b"event: x\n\ndata: a\n\n", [msg("a")]),
     # -- id and the last event ID
     Case("id", b"id: 1\ndata: a\n\n", [msg("a", id="1")], "1"),
     Case(
@@ -148,9 +146,7 @@ CASES = [
     # -- retry
     Case("retry", b"retry: 1000\n\n", [], retry=1000),
     Case("retry leading zeros", b"retry: 007\n", [], retry=7),
-    Case(
-        "retry huge", b"retry: 99999999999999999999\n", [], retry=99999999999999999999
-    ),
+    Case("retry huge", b"retry: 99999999999999999999\n", [], retry=99999999999999999999),
     Case("retry of 640 digits", b"retry: " + b"9" * 640 + b"\n", [], retry=10**640 - 1),
     Case(
         "retry too long ignored",
@@ -285,15 +281,14 @@ def test_imports_no_io_library() -> None:
         "import sys, json; before = set(sys.modules); import refimpl.sse; "
         "print(json.dumps([sorted(before), sorted(set(sys.modules) - before)]))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before, new = map(set, json.loads(result.stdout))
     io_libraries = {
         "trio",
         "quart",
         "httpx",
-        "anyio", "selectors",
+        "anyio",
+        "selectors",
         "hypercorn",
         "asyncio",
         "socket",
@@ -378,24 +373,18 @@ field = st.builds(
     st.sampled_from([b"data", b"data", b"event", b"id", b"id", b"retry", b"dat", b""]),
     st.sampled_from([b":", b": ", b":  ", b""]),
     st.one_of(
-        st.sampled_from(
-            [b"", b"x", b" x", b"12", b"0", b"a\x00b", b"\x00", b"1 ", b"\xff"]
-        ),
+        st.sampled_from([b"", b"x", b" x", b"12", b"0", b"a\x00b", b"\x00", b"1 ", b"\xff"]),
         st.text(max_size=6).map(str.encode),
         st.binary(max_size=4),
     ),
     line_end,
 )
 # An event block: some field lines, then the blank line that dispatches.
-block = st.builds(
-    lambda fields, end: b"".join(fields) + end, st.lists(field, max_size=4), line_end
-)
+block = st.builds(lambda fields, end: b"".join(fields) + end, st.lists(field, max_size=4), line_end)
 # Mostly blocks, so that fields and dispatches really interact (an event
 # line in one block, a data line in the next), with raw pieces and random
 # bytes mixed in to break the structure up.
-sse_like = st.lists(
-    st.one_of(block, block, block, piece, st.binary(max_size=3)), max_size=12
-).map(b"".join)
+sse_like = st.lists(st.one_of(block, block, block, piece, st.binary(max_size=3)), max_size=12).map(b"".join)
 cut_points = st.lists(st.integers(min_value=0, max_value=160), max_size=12)
 
 TRAPS = [
@@ -433,13 +422,9 @@ def test_agrees_with_reference_model(body: bytes, points: list[int]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@example(
-    body="retry: ²\n\n".encode(), points=[]
-)  # str.isdigit() accepts "²"; int() does not
+@example(body="retry: ²\n\n".encode(), points=[])  # str.isdigit() accepts "²"; int() does not
 @example(body=b"\xef\xbb", points=[1])  # half a BOM, then end of stream
-@example(
-    body=b"retry: " + b"9" * 5000 + b"\n", points=[]
-)  # int() refuses > 4300 digits
+@example(body=b"retry: " + b"9" * 5000 + b"\n", points=[])  # int() refuses > 4300 digits
 @given(body=st.binary(max_size=200), points=cut_points)
 def test_never_raises_on_any_bytes(body: bytes, points: list[int]) -> None:
     events, last_event_id, retry = parse(cut(body, points))

@@ -126,7 +126,7 @@ async def test_cancel_mid_generation_stops_the_model_at_once(server):
         event = gen.trace.events[-1]
         assert (event.name, event.detail, event.tokens) == ("cancelled", "client_cancel", 1)
         # ...and the socket is ready for the next turn at once.
-        content, done = await turn(ws)
+        _content, done = await turn(ws)
     assert done["type"] == "done" and done["usage"]["completion_tokens"] == 24
     assert not server.engine.active
 
@@ -146,7 +146,7 @@ async def test_cancel_with_nothing_running_is_ignored(server):
     """A cancel that crosses ``done`` on the wire is a race, not an error."""
     async with open_chat(server) as ws:
         await ws.send_message('{"type":"cancel"}')
-        content, done = await turn(ws)
+        _content, done = await turn(ws)
     assert done["type"] == "done"
 
 
@@ -169,7 +169,12 @@ async def test_model_error_is_a_message_and_the_socket_stays_usable(server):
         assert error["type"] == "error" and error["error"]["code"] == "overloaded"
         assert error["error"]["type"] == "server_error" and error["error"]["message"]
         trace = await server.trace(error["id"])
-        assert trace["events"][-1] | {"at": 0} == {"name": "error", "at": 0, "tokens": 3, "detail": "overloaded"}
+        assert trace["events"][-1] | {"at": 0} == {
+            "name": "error",
+            "at": 0,
+            "tokens": 3,
+            "detail": "overloaded",
+        }
         _, done = await turn(ws)
     assert done["type"] == "done"
 
@@ -324,7 +329,9 @@ def server_tasks() -> list[str]:
                 yield from walk(child)
 
     names = (t.name for t in walk(trio.lowlevel.current_root_task()))
-    return sorted(n for n in names if n.startswith(("hypercorn", "quart", "refimpl", "trio._highlevel_serve")))
+    return sorted(
+        n for n in names if n.startswith(("hypercorn", "quart", "refimpl", "trio._highlevel_serve"))
+    )
 
 
 async def test_an_idle_socket_holds_seven_tasks_until_it_closes(server):

@@ -16,14 +16,14 @@ import sys
 
 import pytest
 import trio
+from test_websocket import SLOW, chat, running
+from test_websocket import ws_url as server_ws_url
 from websockets.asyncio.client import connect as websockets_connect
 from websockets.exceptions import ConnectionClosedError
 
 from refimpl.client import StreamError
 from refimpl.model import simulated_text
 from refimpl.ws_client import connect, ws_url
-from test_websocket import SLOW, chat, running
-from test_websocket import ws_url as server_ws_url
 
 PY = sys.executable
 
@@ -146,7 +146,9 @@ async def refimpl_chat(*args: str) -> subprocess.CompletedProcess:
 
 
 async def test_cli_chat_over_websocket(server):
-    result = await refimpl_chat("Hello there", "--url", server.url, "--protocol", "ws", "--tokens", "20", "--itl-ms", "1")
+    result = await refimpl_chat(
+        "Hello there", "--url", server.url, "--protocol", "ws", "--tokens", "20", "--itl-ms", "1"
+    )
     assert result.returncode == 0, result.stderr
     text, stats = result.stdout.decode().strip().split("\n")[-2:]
     assert text == "".join(simulated_text("Hello there", 0)[:20])

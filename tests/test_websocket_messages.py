@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from refimpl.model import ModelError, Simulate
 from refimpl.patterns.errors import APIError
+from refimpl.patterns.errors import ws_error_message as error_message
 from refimpl.protocols.ws_messages import (
     Cancel,
     Chat,
     ProtocolViolation,
-    error_message,
     parse_client_message,
     token_message,
 )
@@ -34,7 +35,9 @@ def parse(data):
 
 
 def test_chat_and_cancel():
-    message = parse('{"type":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"simulate":{"tokens":5}}')
+    message = parse(
+        '{"type":"chat","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"simulate":{"tokens":5}}'
+    )
     assert isinstance(message, Chat)
     assert message.request.messages == (("user", "hi"),)
     assert message.request.max_tokens == 3 and message.request.simulate.tokens == 5
@@ -58,9 +61,11 @@ json_values = st.recursive(
 near_messages = st.fixed_dictionaries(
     {"type": st.sampled_from(["chat", "cancel", "CHAT", ""]) | json_values},
     optional={
-        "messages": json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "bot"]), "content": json_values})),
+        "messages": json_values
+        | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "bot"]), "content": json_values})),
         "max_tokens": json_values,
-        "simulate": json_values | st.dictionaries(st.sampled_from(["tokens", "itl_ms", "seed", "fail_with", "x"]), json_values),
+        "simulate": json_values
+        | st.dictionaries(st.sampled_from(["tokens", "itl_ms", "seed", "fail_with", "x"]), json_values),
     },
 )
 
@@ -98,7 +103,10 @@ def test_error_messages_are_always_utf8(message, param):
 
 def test_error_message_shapes():
     bad = json.loads(error_message(APIError(400, "nope", code="invalid_json")))
-    assert bad == {"type": "error", "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "invalid_json"}}
+    assert bad == {
+        "type": "error",
+        "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "invalid_json"},
+    }
     failed = json.loads(error_message(ModelError("overloaded"), "chatcmpl-1"))
     assert failed["id"] == "chatcmpl-1" and failed["error"]["type"] == "server_error"
     assert failed["error"]["code"] == "overloaded"

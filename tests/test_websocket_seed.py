@@ -12,13 +12,13 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-
 from conftest import TEST_SIMULATE, Server
+from test_websocket import SLOW, chat, close_code, ended, finish_turn, open_chat, receive, running
+from test_websocket_watchdog import RawPeer
+
 from refimpl.app import create_app, serve
 from refimpl.config import Config
 from refimpl.examples import seed_ws
-from test_websocket import SLOW, chat, close_code, ended, finish_turn, open_chat, receive, running
-from test_websocket_watchdog import RawPeer
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ async def test_seed_reads_a_cancel_only_after_the_answer(both):
         assert (await receive(ws))["type"] == "token"
         gen = await running(both)
         await ws.send_message('{"type":"cancel"}')  # sent after the first token...
-        content, done = await finish_turn(ws)
+        _content, done = await finish_turn(ws)
         # ...but the model wrote the whole answer: nobody read the cancel.
         assert done["type"] == "done" and gen.trace.names()[-1] == "done"
         assert gen.completion_tokens == 10
@@ -101,7 +101,7 @@ async def test_seed_usage_is_one_mislabelled_number(both):
 
 
 async def test_a_send_timeout_in_the_route_never_fires(nursery):
-    """Why the stall timeout lives in ``ws_watchdog.py``, below ASGI."""
+    """Why the stall timeout lives in ``hypercorn_patches.py``, below ASGI."""
     app = create_app(Config(simulate=TEST_SIMULATE))
     caught = seed_ws.register_send_timeout(app, seconds=0.05)
     server = Server(await nursery.start(partial(serve, app)), app)

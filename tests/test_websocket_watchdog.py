@@ -1,6 +1,6 @@
 """Keepalive, dead peers, backpressure and stalled readers on ``/v1/ws/chat``.
 
-What ``protocols/ws_watchdog.py`` promises (lesson 03; DESIGN §3):
+What the watchdog (``refimpl/hypercorn_patches.py``) promises (lesson 03; DESIGN §3):
 
 * real clients answer the server's pings on their own, so a ping interval far
   shorter than a silent model's TTFT costs them nothing;
@@ -24,13 +24,13 @@ import socket
 
 import trio
 import trio.testing
+from test_websocket import chat, ended, finish_turn, open_chat, running, turn
 from trio_websocket import wrap_client_stream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
 from refimpl.model import count_tokens
 from refimpl.protocols.websocket_chat import PATH
-from test_websocket import chat, ended, finish_turn, open_chat, running, turn
 
 BIG = {"ttft_ms": 0, "itl_ms": 0, "tokens": 10**7}  # more than any socket buffer holds
 
@@ -87,7 +87,7 @@ class RawPeer:
 async def test_real_client_answers_pings_through_a_silent_ttft(start_server):
     server = await start_server(ws_ping_interval=0.02, ws_ping_timeout=2.0)
     async with open_chat(server) as ws:
-        content, done = await turn(ws, simulate={"ttft_ms": 300, "tokens": 3})
+        _content, done = await turn(ws, simulate={"ttft_ms": 300, "tokens": 3})
     assert done["type"] == "done" and done["usage"]["completion_tokens"] == 3
 
 
@@ -163,7 +163,7 @@ async def test_stalled_client_is_dropped_and_memory_stays_flat(start_server):
     made = gen.completion_tokens
     assert made < BIG["tokens"]
     # Now read what the server managed to send before it gave up.
-    messages, others = await peer.read_to_the_end()
+    messages, _others = await peer.read_to_the_end()
     received = count_tokens("".join(m["content"] for m in messages))
     assert {m["type"] for m in messages} == {"token"}
     # Everything the model made went into the socket, except at most the one

@@ -28,6 +28,9 @@ very next line holds the region's text.  Like cog, the tool has two modes:
     include that names a missing file or region, every include with no block
     after it, and every line that looks like an include but is malformed.
     ``tests/test_lessons.py`` runs this over ``lessons/*.md``.
+    With no Markdown files named (the whole set of lessons), it also lists
+    every region in the code that no lesson includes: a marker nobody reads
+    is noise in the code, or a lesson that forgot to show it.
 ``--write``
     rewrite the blocks from the code (adding a block where one is missing).
     Includes that cannot be resolved are still reported, and the exit status
@@ -239,6 +242,36 @@ def lesson_files(root: Path = ROOT) -> list[Path]:
     return sorted((root / "lessons").glob("*.md"))
 
 
+def code_files(root: Path = ROOT) -> list[Path]:
+    """Every file that can hold regions, outside hidden and vendored folders
+    and the tests (whose markers are string literals in the tool's own tests)."""
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix in _LANGUAGES
+        and path.is_file()
+        and not any(
+            part.startswith(".") or part in ("node_modules", "tests") for part in path.relative_to(root).parts
+        )
+    )
+
+
+def unused_regions(docs: list[Path], root: Path = ROOT) -> list[Problem]:
+    """Regions defined in the code that none of ``docs`` includes."""
+    included = set()
+    for doc in docs:
+        includes, _ = scan_markdown(doc.read_text(encoding="utf-8").split("\n"))
+        included |= {(inc.path, inc.name) for inc in includes}
+    problems = []
+    for path in code_files(root):
+        rel = path.relative_to(root).as_posix()
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+            match = _MARKER.match(line.strip())
+            if match and match[1] == "region" and (rel, match[2]) not in included:
+                problems.append(Problem(Path(rel), number, f"region {match[2]!r} is included by no lesson"))
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -255,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     docs = [d.resolve() for d in args.docs] or lesson_files(root)
     problems = [p for doc in docs for p in process(doc, root, write=args.write)]
+    if not args.docs:  # the whole set: every region must be shown somewhere
+        problems += unused_regions(docs, root)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

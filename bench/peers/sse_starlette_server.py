@@ -74,7 +74,10 @@ def create_app(ttft_ms: float, itl_ms: float, tokens: int) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "peer"}]}
+        return {
+            "object": "list",
+            "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "peer"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> EventSourceResponse:

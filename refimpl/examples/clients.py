@@ -32,6 +32,8 @@ async def httpx_sse_text(client: httpx.AsyncClient, url: str, body: dict[str, An
             for choice in chunk["choices"]:
                 parts.append(choice["delta"].get("content") or "")
     raise RuntimeError("the stream ended without [DONE]")
+
+
 # endregion: httpx-sse-client
 
 
@@ -53,4 +55,6 @@ def openai_sdk_text(url: str, prompt: str, simulate: dict[str, Any]) -> tuple[st
         if chunk.usage:  # only the last chunk, whose choices are []
             usage = chunk.usage
     return "".join(parts), usage
+
+
 # endregion: openai-sdk-client

@@ -40,6 +40,7 @@ def create_app(*, fixed: bool) -> QuartTrio:
         if fixed:
             response.timeout = None  # the fix: no deadline on sending this body
         return response
+
     # endregion: ticker-route
 
     return app

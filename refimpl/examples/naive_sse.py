@@ -42,8 +42,10 @@ def naive_data(chunks: Iterable[bytes]) -> list[str]:
     for chunk in chunks:
         for line in chunk.decode("utf-8").split("\n"):
             if line.startswith("data: "):
-                found.append(line[len("data: "):])
+                found.append(line[len("data: ") :])
     return found
+
+
 # endregion: naive-reader
 
 
@@ -57,6 +59,8 @@ def line_buffered_data(chunks: Iterable[bytes]) -> list[str]:
         for line in lines:
             text = line.decode("utf-8")
             if text.startswith("data: "):
-                found.append(text[len("data: "):])
+                found.append(text[len("data: ") :])
     return found
+
+
 # endregion: line-buffered-reader

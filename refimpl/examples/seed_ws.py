@@ -35,7 +35,7 @@ never fires.  hypercorn writes to the socket inside a *shielded* cancel
 scope (DESIGN §4), so while the client does not read, the deadline passes
 and nothing happens; when the client reads again the write completes and
 the ``with`` block ends without passing another checkpoint, so the cancel
-that was due is never delivered at all.  ``protocols/ws_watchdog.py`` times
+that was due is never delivered at all.  the watchdog in ``hypercorn_patches.py`` times
 the writes one layer down instead.
 
 Nothing in ``refimpl`` imports this module; tests and lesson 03 do.
@@ -48,9 +48,10 @@ from dataclasses import replace
 from typing import Any
 
 import trio
+import trio.lowlevel
 from quart import Quart, websocket
 
-from ..engine import Engine
+from ..engine import FINISHED, Engine
 from ..model import ModelRequest, Simulate
 
 PATH = "/seed/ws/chat"
@@ -71,7 +72,7 @@ class SeedModel:
             simulate=replace(self.defaults, **data.get("simulate", {})),
         )
         gen = self.engine.start(request, "seed-ws")
-        while tokens := await gen.wait():
+        while (tokens := await gen.wait()) is not FINISHED:
             for token in tokens:
                 yield token
 
@@ -91,6 +92,7 @@ def register(app: Quart) -> None:
                 token_count += 1
                 await websocket.send_json({"type": "token", "content": token})
             await websocket.send_json({"type": "done", "usage": {"total_tokens": token_count}})
+
     # endregion: seed-loop
 
 
@@ -111,7 +113,8 @@ def register_send_timeout(app: Quart, seconds: float) -> list[float]:
             if timer.cancelled_caught:  # "too slow: give up" -- but when?
                 caught.append(trio.current_time())
                 return
-            await trio.sleep(0)  # stands in for waiting on the model
+            await trio.lowlevel.checkpoint()  # stands in for waiting on the model
+
     # endregion: send-timeout
 
     return caught

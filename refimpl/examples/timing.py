@@ -39,6 +39,8 @@ async def time_full(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -
     answer = resp.json()
     text = answer["choices"][0]["message"]["content"]
     return Timing(answer["id"], ttft=now, e2e=now, text=text, arrivals=[(now, text)])
+
+
 # endregion: time-full
 
 
@@ -55,4 +57,6 @@ async def time_streamed(client: httpx.AsyncClient, url: str, body: dict[str, Any
     timing.ttft = timing.arrivals[0][0] if timing.arrivals else None
     timing.text = "".join(content for _, content in timing.arrivals)
     return timing
+
+
 # endregion: time-streamed

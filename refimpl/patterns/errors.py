@@ -1,31 +1,72 @@
-"""One error shape for every protocol, before and after the stream starts.
+"""Errors: one shape everywhere, and how each protocol says "this failed".
 
 Strategy
 --------
 OpenAI's API reports every failure as ``{"error": {"message", "type",
-"param", "code"}}``, and its SDKs turn that body into typed exceptions.  We
-use the same shape everywhere so that one client-side handler fits all
-(STYLE §11, "errors are part of the interface"):
+"param", "code"}}`` and its SDKs turn that body into typed exceptions.  We use
+the same shape on every protocol, before and after a stream starts, so one
+client-side handler fits all (STYLE §11).  Lesson 07 teaches this module.
 
-* **Before the stream starts** the HTTP status carries the class of failure
-  (400 bad request, 401, 404, 405, 413, 415, 429, 503) and the body carries
-  the shape.  :class:`APIError` is raised anywhere in request handling and the
-  app turns it into that response (``app.py``).
-* **After the stream started** the status line (200) is already on the wire
-  and cannot be taken back.  The SSE stream then sends the same shape as an
-  ``event: error`` and ends *without* ``data: [DONE]``, so no client mistakes
-  a failed stream for a finished one (lesson 07).  The WebSocket sends it as
-  ``{"type": "error", "error": {...}}``.
+**Before the first byte** the HTTP status line is still ours to choose, and it
+is the part clients *act* on: the openai SDKs (Python and Node, and so
+LangChain on top of them) retry 408, 409, 429 and every 5xx twice by default,
+waiting for ``retry-after-ms`` / ``Retry-After`` when the server sends one;
+they never retry any other 4xx.  So the status must say whether trying again
+can help (RFC 9110 §15.5-15.6: 4xx is the caller's problem, 5xx ours;
+§10.2.3 for ``Retry-After``).  :class:`APIError` carries it, and ``app.py``
+turns it into the response.
 
-``type`` follows OpenAI's vocabulary: ``invalid_request_error`` for the
-caller's mistakes, ``server_error`` for ours.
+**After the first byte** (a stream's 200 is on the wire) no status can be
+sent any more.  The failure travels *in* the stream instead, with the same
+error object, and each protocol has one obvious way to say it (see
+:func:`sse_error_event` and :func:`ws_error_message`, side by side below):
+
+* SSE: ``event: error`` and ``data: {"error": ...}``, then the body ends
+  cleanly *without* ``data: [DONE]``.  A client that waits for ``[DONE]``
+  can never mistake the failed stream for a finished one; the openai SDK
+  raises ``APIError`` on the event.
+* WebSocket: a ``{"type": "error", "id": ..., "error": ...}`` message, and the
+  socket stays open for the next turn (the failure was the answer's, not the
+  connection's).
+* gRPC (its own issue): a status code with the error object in its details.
+
+**The failures a model can have**, and the status each gets when it is still
+possible to send one (a non-streamed request).  ``FAILURES`` is the table;
+lesson 07 shows what the openai SDK does with each, measured
+(``tests/test_error_statuses.py`` counts the generations a call made):
+
+==================  ======  =====================  ============================
+code                status  type                   the SDK ...
+==================  ======  =====================  ============================
+``overloaded``      503     server_error           retries after ``Retry-After``
+``timeout``         504     server_error           retries (a slow model may
+                                                   finish next time)
+``internal_error``  500     server_error           retries (a bug of ours)
+``model_error``     500     server_error           retries
+``content_filter``  400     invalid_request_error  does not retry: the same
+                                                   prompt fails the same way
+==================  ======  =====================  ============================
+
+``timeout`` comes from the engine (``--generation-timeout``), and
+``internal_error`` from an exception that is not a
+:class:`~refimpl.backend.ModelError` at all -- a bug in a backend, logged with
+its traceback by :func:`from_bug`.  Every other failure is expected: the log
+gets one line naming the generation (:func:`log_failure`), no traceback.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
-# The status code each error type maps to, and the OpenAI ``type`` string.
+from ..backend import ModelError
+from ..jsonwire import dumps, dumps_ascii
+from ..sse import encode
+
+log = logging.getLogger("refimpl")
+
+# The OpenAI ``type`` string for each status of an error before the stream.
 _STATUS_TYPE = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -36,20 +77,33 @@ _STATUS_TYPE = {
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
+    504: "server_error",
 }
+
+# region: failure-table
+#: code -> (HTTP status, whether to send Retry-After); see the table above.
+FAILURES: dict[str, tuple[int, bool]] = {
+    "overloaded": (503, True),
+    "timeout": (504, False),
+    "internal_error": (500, False),
+    "model_error": (500, False),
+    "content_filter": (400, False),
+    "shutdown": (503, True),  # a cancel by the server, not a model failure
+}
+# endregion: failure-table
 
 
 # region: error-body
-def error_body(
-    message: str, type: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error object, ready for ``json.dumps``."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 # endregion: error-body
 
 
 class APIError(Exception):
-    """A failure to report with an HTTP status before any byte of a stream."""
+    """A failure to report with an HTTP status, before any byte of a stream."""
 
     def __init__(
         self,
@@ -59,6 +113,7 @@ class APIError(Exception):
         code: str | None = None,
         param: str | None = None,
         type: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,6 +121,74 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.type = type or _STATUS_TYPE.get(status, "server_error")
+        self.retry_after = retry_after  # seconds; sent as Retry-After
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` in whole seconds (RFC 9110 §10.2.3), and OpenAI's
+        ``retry-after-ms``, which its SDKs read first, for finer waits."""
+        if self.retry_after is None:
+            return {}
+        return {
+            "Retry-After": str(math.ceil(self.retry_after)),
+            "retry-after-ms": str(round(self.retry_after * 1000)),
+        }
+
+
+# region: failure-status
+def failure_status(err: ModelError, retry_after: float) -> APIError:
+    """A model failure, for a response that has not started yet (non-streamed)."""
+    status, retry = FAILURES.get(err.code, (500, False))
+    return APIError(status, err.message, code=err.code, retry_after=retry_after if retry else None)
+
+
+# endregion: failure-status
+
+
+def model_failure_body(err: ModelError) -> dict[str, Any]:
+    """The error object of a failure after the stream started."""
+    status, _ = FAILURES.get(err.code, (500, False))
+    return error_body(err.message, _STATUS_TYPE.get(status, "server_error"), err.code)
+
+
+# region: mid-stream-error
+def sse_error_event(err: ModelError) -> bytes:
+    """SSE: one ``event: error``; the caller then ends the body, no [DONE]."""
+    return encode(dumps(model_failure_body(err)), event="error")
+
+
+def ws_error_message(err: ModelError | APIError, gen_id: str | None = None) -> str:
+    """WebSocket: one ``error`` message; the socket stays open.  Also used for
+    a bad client message (an :class:`APIError`), which has no generation.
+    ASCII escapes: a text frame must be valid UTF-8 (RFC 6455 §5.6), and an
+    error may quote a lone surrogate the client sent."""
+    body = err.body() if isinstance(err, APIError) else model_failure_body(err)
+    return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
+
+
+# endregion: mid-stream-error
+
+
+def cancelled_error(reason: str) -> ModelError:
+    """A generation the *server* cancelled (shutdown) while a client still
+    reads: to that client it is a failure like any other."""
+    return ModelError(reason, f"The generation was cancelled ({reason}).")
+
+
+# region: bugs-and-logs
+def from_bug(exc: Exception, gen_id: str) -> ModelError:
+    """A backend raised something that is not a ModelError: a bug.  Log it
+    with its traceback (someone must fix it) and tell the client only that we
+    failed; the exception text may hold internals it must not see."""
+    log.error("generation %s: the backend raised %s", gen_id, type(exc).__name__, exc_info=exc)
+    return ModelError("internal_error", "The server had an error while generating the response.")
+
+
+def log_failure(gen_id: str, code: str, tokens: int) -> None:
+    """One line per expected failure: which generation, why, how far it got."""
+    log.warning("generation %s failed after %d tokens: %s", gen_id, tokens, code)
+
+
+# endregion: bugs-and-logs

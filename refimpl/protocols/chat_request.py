@@ -19,10 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..model import ModelRequest, Simulate
-from ..patterns.errors import APIError
+from ..backend import ModelRequest, Simulate
+from ..patterns.errors import FAILURES, APIError
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
+# What the simulated model can fail with: each error code of the failure
+# table, or "crash" for a plain exception (a bug; lesson 07).
+FAIL_WITH = frozenset(FAILURES) - {"shutdown"} | {"crash"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +66,7 @@ def parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
     for i, msg in enumerate(value):
         param = f"messages[{i}]"
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in _ROLES:
-            raise bad_request(
-                f"{param} must be an object with a role in {sorted(_ROLES)}.", param
-            )
+            raise bad_request(f"{param} must be an object with a role in {sorted(_ROLES)}.", param)
         out.append((msg["role"], _content(msg.get("content"), param + ".content")))
     return tuple(out)
 
@@ -82,15 +83,12 @@ def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
         if key not in known:
             raise bad_request(f"Unknown simulate knob '{key}'.", param, "unknown_parameter")
         if key == "fail_with":
-            if not isinstance(v, str) or not v:
-                raise bad_request("'simulate.fail_with' must be an error code string.", param)
-        elif v is not None and (
-            isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e9
-        ):
+            if v not in FAIL_WITH:
+                raise bad_request(f"'simulate.fail_with' must be one of {sorted(FAIL_WITH)}.", param)
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e9):
             raise bad_request(f"'{param}' must be a number from 0 to 1e9.", param)
-        elif key in ("tokens", "fail_after_tokens", "seed") and v is not None:
-            if v != int(v):
-                raise bad_request(f"'{param}' must be an integer.", param)
+        elif key in ("tokens", "fail_after_tokens", "seed") and v is not None and v != int(v):
+            raise bad_request(f"'{param}' must be an integer.", param)
     return replace(defaults, **value)
 
 
@@ -135,9 +133,7 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         raise bad_request("Only n=1 is supported.", "n")
     temperature = body.get("temperature")
     if temperature is not None and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not 0 <= temperature <= 2
+        isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2
     ):
         raise bad_request("'temperature' must be a number between 0 and 2.", "temperature")
     max_tokens = optional_int(body, "max_completion_tokens", 1)
@@ -152,4 +148,6 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         simulate=parse_simulate(body.get("simulate"), defaults),
     )
     return ChatParams(request, stream, include_usage)
+
+
 # endregion: request-validation

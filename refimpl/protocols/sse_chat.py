@@ -20,9 +20,13 @@ no-cache`` for caches, ``X-Accel-Buffering: no`` for nginx, and on HTTP/1.1
 ``RESPONSE_TIMEOUT`` would silently cut long streams, so it is switched off
 for this response (DESIGN §4).
 
-If the model fails after the 200 status left, the failure travels *in* the
-stream: ``event: error`` with the OpenAI error object, then the body ends
-without ``[DONE]`` (lesson 07; the openai SDK raises ``APIError`` on it).
+The error cases are not handled here but in ``patterns/``, where each one's
+SSE and WebSocket handling stand side by side: a failure after the 200 left
+travels *in* the stream as ``event: error`` and the body ends without
+``[DONE]`` (``patterns/errors.py``, lesson 07); a silence of ``--heartbeat``
+seconds sends a ``: ping`` comment (``patterns/heartbeat.py``, lesson 08).
+The writer below has the same pull loop as the WebSocket's
+(``websocket_chat.py``), so the two read side by side.
 
 Cost per token.  This is the hot path, so it is built for the costs measured
 in DESIGN §4 (lesson 02, "cost per token"): the chunk JSON is *pre-encoded*
@@ -41,19 +45,16 @@ from typing import Any
 
 from quart import Quart, Response, request
 
-from ..engine import Engine, Generation, GenerationCancelled
-from ..jsonwire import dumps, json_response, loads_strict
-from ..model import ModelError
-from ..patterns.errors import APIError, error_body
-from ..sse import comment, encode
+from ..backend import ModelError
+from ..config import Config
+from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
+from ..jsonwire import dumps
+from ..patterns import errors, heartbeat
+from ..sse import encode
 from .chat_request import parse_chat_request
+from .http_json import json_response, read_json_body
 
 DONE = encode("[DONE]")
-# The heartbeat is a comment line, which every conforming parser ignores.  It
-# is only ever sent between events, so the extra blank line dispatches nothing;
-# it is there for the many hand-written clients that split the stream on
-# "\n\n" and would otherwise glue the ping onto the next event.
-PING = comment("ping") + b"\n"
 SYSTEM_FINGERPRINT = "fp_refimpl"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
 
@@ -97,49 +98,33 @@ class ChunkFramer:
         if self.include_usage:
             out += encode(dumps({**self._base, "usage": self.gen.usage()}))
         return out + DONE
+
+
 # endregion: chunk-framer
 
 
-# region: error-event
-def error_event(code: str, message: str, type: str = "server_error") -> bytes:
-    return encode(dumps(error_body(message, type, code)), event="error")
-# endregion: error-event
-
-
 # region: sse-stream
-async def stream_chunks(
-    gen: Generation, framer: ChunkFramer, heartbeat: float, batch: int
-) -> AsyncIterator[bytes]:
+async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) -> AsyncIterator[bytes]:
     """The response body: Quart iterates this and writes each item."""
+    batch, silence = config.batch_tokens, config.heartbeat
     try:
         yield framer.role()
-        while True:
-            # What the model has ready, without waiting; else wait for it.
-            tokens = gen.ready(batch) or await gen.wait(batch, timeout=heartbeat)
-            if tokens is None:  # silence for `heartbeat` seconds
-                gen.heartbeat()
-                yield PING
-                continue
-            if not tokens:  # the model is done
-                break
-            yield framer.content(tokens)
+        while (step := await gen.pull(batch, timeout=silence)) is not FINISHED:
+            if step is SILENT:
+                yield heartbeat.sse_heartbeat(gen)  # lesson 08
+            else:
+                yield framer.content(step)
         yield framer.end()
-    except ModelError as err:
-        yield error_event(err.code, err.message)
-    except GenerationCancelled as cancel:
-        yield error_event(cancel.reason, f"The generation was cancelled ({cancel.reason}).")
+    except ModelError as err:  # lesson 07: an error event, then end, no [DONE]
+        yield errors.sse_error_event(err)
+    except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
+        yield errors.sse_error_event(errors.cancelled_error(cancel.reason))
     finally:
-        # Reached with Cancelled/GeneratorExit when the client went away:
-        # record it and stop the model (lesson 09).
-        gen.close("client_disconnect")
+        if not gen.finished:  # we are leaving early: the client went away
+            gen.cancel("client_disconnect")
+
+
 # endregion: sse-stream
-
-
-async def read_json_body() -> Any:
-    """The request's JSON, strictly (``jsonwire.loads_strict``)."""
-    if request.mimetype != "application/json":
-        raise APIError(415, "Content-Type must be application/json.", code="unsupported_media_type")
-    return loads_strict(await request.get_data())
 
 
 def register(app: Quart, engine: Engine) -> None:
@@ -153,13 +138,13 @@ def register(app: Quart, engine: Engine) -> None:
         gen = engine.start(params.model_request, "sse" if params.stream else "http")
         headers = {"X-Request-Id": gen.id}
         if not params.stream:
-            return await complete(gen, headers)
+            return await complete(gen, headers, config)
         # region: sse-response
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.http_version == "1.1":
             headers["Connection"] = "keep-alive"
         framer = ChunkFramer(gen, params.include_usage)
-        body = stream_chunks(gen, framer, config.heartbeat, config.batch_tokens)
+        body = stream_chunks(gen, framer, config)
         response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
         response.timeout = None  # Quart would cut the stream at 60 s
         return response
@@ -167,16 +152,19 @@ def register(app: Quart, engine: Engine) -> None:
 
 
 # region: complete
-async def complete(gen: Generation, headers: dict[str, str]) -> Response:
+async def complete(gen: Generation, headers: dict[str, str], config: Config) -> Response:
     """Non-streaming: the same generation, collected into one object."""
     parts: list[str] = []
     try:
-        while tokens := gen.ready() or await gen.wait():
-            parts += tokens
-    except ModelError as err:
-        raise APIError(500, err.message, code=err.code) from None
+        while (step := await gen.pull()) is not FINISHED:
+            parts += step
+    except ModelError as err:  # the status line is still ours: say it there
+        raise errors.failure_status(err, config.retry_after) from None
+    except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
+        raise errors.failure_status(errors.cancelled_error(cancel.reason), config.retry_after) from None
     finally:
-        gen.close("client_disconnect")
+        if not gen.finished:  # we are leaving early: the client went away
+            gen.cancel("client_disconnect")
     message = {"role": "assistant", "content": "".join(parts), "refusal": None}
     body = {
         "id": gen.id,
@@ -184,10 +172,10 @@ async def complete(gen: Generation, headers: dict[str, str]) -> Response:
         "created": gen.created,
         "model": gen.request.model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}],
         "usage": gen.usage(),
     }
     return json_response(body, 200, headers)
+
+
 # endregion: complete

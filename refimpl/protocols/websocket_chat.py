@@ -35,8 +35,11 @@ goes away mid-generation, ``cancelled(client_disconnect)`` (the client closed
 it), ``cancelled(protocol_error)`` (we closed it: 1003 for a binary frame),
 ``cancelled(internal_error)`` (a bug of ours: 1011, logged), or the
 watchdog's ``ping_timeout`` / ``stall_timeout`` / ``message_too_big``
-(``ws_watchdog.py``: keepalive pings, dead peers, stalled readers and the
-size limit are handled below ASGI, where the frames and the socket are).
+(the watchdog in ``hypercorn_patches.py``: keepalive pings, dead peers,
+stalled readers and the size limit are handled below ASGI, where the frames
+and the socket are).  The error cases themselves live in ``patterns/``: the
+error message in ``errors.py`` beside the SSE error event, the ping in
+``heartbeat.py`` beside the SSE comment.
 """
 
 from __future__ import annotations
@@ -48,17 +51,17 @@ from quart import Quart, websocket
 from quart.wrappers import Websocket
 from wsproto.frame_protocol import CloseReason
 
+from .. import hypercorn_patches
+from ..backend import ModelError
 from ..config import Config
-from ..engine import Engine, Generation, GenerationCancelled
-from ..model import ModelError
+from ..engine import FINISHED, Engine, Generation, GenerationCancelled
+from ..patterns import errors
 from ..patterns.errors import APIError
-from . import ws_watchdog
 from .ws_messages import (
     Cancel,
     ProtocolViolation,
     cancelled_message,
     done_message,
-    error_message,
     parse_client_message,
     token_message,
 )
@@ -71,7 +74,9 @@ PROTOCOL = "websocket"  # the trace's protocol name
 class ChatSocket:
     """One client connection: a reader task and at most one writer task."""
 
-    def __init__(self, ws: Websocket, engine: Engine, config: Config, watchdog: ws_watchdog.Watchdog) -> None:
+    def __init__(
+        self, ws: Websocket, engine: Engine, config: Config, watchdog: hypercorn_patches.Watchdog
+    ) -> None:
         self.ws = ws
         self.engine = engine
         self.config = config
@@ -115,20 +120,23 @@ class ChatSocket:
             except ProtocolViolation as violation:
                 return violation
             except APIError as err:  # a bad message (or 429/503): say so, carry on
-                await self.ws.send(error_message(err))
+                await self.ws.send(errors.ws_error_message(err))
+
     # endregion: ws-session
 
     # region: ws-stream
     async def stream(self, gen: Generation) -> None:
         try:
             try:
-                while tokens := await gen.wait(self.config.batch_tokens):
-                    await self.ws.send(token_message(tokens))  # blocks if they stop reading
+                batch = self.config.batch_tokens
+                # No heartbeat timeout here: the watchdog pings (lesson 08).
+                while (step := await gen.pull(batch)) is not FINISHED:
+                    await self.ws.send(token_message(step))  # blocks if they stop reading
                 last = done_message(gen)
-            except GenerationCancelled as cancel:
+            except ModelError as err:  # lesson 07: an error message, the socket stays
+                last = errors.ws_error_message(err, gen.id)
+            except GenerationCancelled as cancel:  # a cancel message, or shutdown
                 last = cancelled_message(gen, cancel.reason)
-            except ModelError as err:
-                last = error_message(err, gen.id)
             # The turn is over (the trace says so) before the client can hear
             # it, so a chat sent the moment it does is not "in progress".
             self.gen = None
@@ -136,25 +144,30 @@ class ChatSocket:
         finally:
             if self.gen is gen:
                 self.gen = None
-            # Reached with Cancelled when the socket went away mid-generation.
-            gen.close(self.closing or self.watchdog.dropped or "client_disconnect")
+            if not gen.finished:  # the socket went away mid-generation
+                gen.cancel(self.closing or self.watchdog.dropped or "client_disconnect")
+
     # endregion: ws-stream
 
 
 def register(app: Quart, engine: Engine) -> None:
     config: Config = app.config["REFIMPL"]
-    ws_watchdog.install()
 
     @app.websocket(PATH)
     async def ws_chat() -> None:
         ws = websocket._get_current_object()
         # The watchdog reads its settings from the scope when we accept.
-        watchdog = ws_watchdog.Watchdog(
+        watchdog = hypercorn_patches.Watchdog(
             ping_interval=config.ws_ping_interval,
             ping_timeout=config.ws_ping_timeout,
             stall_timeout=config.stall_timeout,
             max_message_bytes=config.ws_max_message_bytes,
         )
-        ws.scope[ws_watchdog.SCOPE_KEY] = watchdog
+        ws.scope[hypercorn_patches.SCOPE_KEY] = watchdog
+        chat = ChatSocket(ws, engine, config, watchdog)
+        # Each ping is a heartbeat of the running generation, if any (lesson
+        # 08); a dropped connection cancels it at once (lesson 09).
+        watchdog.on_ping = lambda: chat.gen.heartbeat() if chat.gen is not None else None
+        watchdog.on_drop = lambda reason: chat.gen.cancel(reason) if chat.gen is not None else None
         await ws.accept()
-        await ChatSocket(ws, engine, config, watchdog).run()
+        await chat.run()

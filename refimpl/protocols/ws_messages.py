@@ -19,7 +19,8 @@ apart by ``"type"``.  Client → server:
 
 Server → client: ``token`` (``content``), then exactly one of ``done``
 (``finish_reason``, ``usage``), ``cancelled`` (``usage``) or ``error``
-(``error``: the OpenAI error object of ``patterns/errors.py``).  Two fields
+(``error``: the OpenAI error object; that message is built in
+``patterns/errors.py``, beside the SSE error event).  Two fields
 extend DESIGN §2: ``id`` on those last three (the generation id, for
 ``GET /v1/debug/generations/{id}``) and ``reason`` on ``cancelled``
 (``client_cancel``, ``shutdown``...).  When the model is ahead of the
@@ -32,22 +33,23 @@ message, the socket stays usable; a *protocol violation* raises
 :class:`ProtocolViolation`, and the socket is closed with the RFC 6455
 §7.4.1 code: 1003 for a binary frame (we accept only text).  The 1009 for an
 oversized message is sent by hypercorn before the message reaches us
-(``ws_watchdog.py``); 1008 is kept for authentication (DESIGN §2).
+(``hypercorn_patches.py``); 1008 is kept for authentication (DESIGN §2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as json_string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsproto.frame_protocol import CloseReason
 
-from ..engine import Generation
+from ..backend import ModelRequest, Simulate
 from ..jsonwire import dumps_ascii, loads_strict
-from ..model import ModelError, ModelRequest, Simulate
-from ..patterns.errors import APIError, error_body
 from .chat_request import bad_request, optional_int, parse_messages, parse_simulate
+
+if TYPE_CHECKING:  # a type only: importing the engine would bring in trio
+    from ..engine import Generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +89,17 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
         raise bad_request("A message must be a JSON object.", None, "invalid_json")
     kind = body.get("type")
     if kind is None:
-        raise bad_request("A message needs a 'type': 'chat' or 'cancel'.", "type", "missing_required_parameter")
+        raise bad_request(
+            "A message needs a 'type': 'chat' or 'cancel'.", "type", "missing_required_parameter"
+        )
     if not isinstance(kind, str) or kind not in _FIELDS:
-        raise bad_request(f"Unknown message type {kind!r}; send 'chat' or 'cancel'.", "type", "unknown_message_type")
+        raise bad_request(
+            f"Unknown message type {kind!r}; send 'chat' or 'cancel'.", "type", "unknown_message_type"
+        )
     if unknown := sorted(set(body) - _FIELDS[kind]):
-        raise bad_request(f"Unknown field '{unknown[0]}' in a '{kind}' message.", unknown[0], "unknown_parameter")
+        raise bad_request(
+            f"Unknown field '{unknown[0]}' in a '{kind}' message.", unknown[0], "unknown_parameter"
+        )
     if kind == "cancel":
         return Cancel()
     max_tokens = optional_int(body, "max_tokens", 1)
@@ -103,6 +111,8 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
             simulate=parse_simulate(body.get("simulate"), defaults),
         )
     )
+
+
 # endregion: parse-client-message
 
 
@@ -119,17 +129,13 @@ def token_message(tokens: list[str]) -> str:
 
 
 def done_message(gen: Generation) -> str:
-    return dumps_ascii({"type": "done", "id": gen.id, "finish_reason": gen.finish_reason, "usage": gen.usage()})
+    return dumps_ascii(
+        {"type": "done", "id": gen.id, "finish_reason": gen.finish_reason, "usage": gen.usage()}
+    )
 
 
 def cancelled_message(gen: Generation, reason: str) -> str:
     return dumps_ascii({"type": "cancelled", "id": gen.id, "reason": reason, "usage": gen.usage()})
 
 
-def error_message(err: APIError | ModelError, gen_id: str | None = None) -> str:
-    if isinstance(err, ModelError):  # the model failed: our fault, not the client's
-        body = error_body(err.message, "server_error", err.code)
-    else:
-        body = err.body()
-    return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
 # endregion: server-messages

@@ -1,0 +1,94 @@
+"""What a model is, to the rest of the server: the types every backend shares.
+
+Strategy
+--------
+A protocol module never talks to a model directly; it asks the engine for a
+generation, and the engine asks a :class:`Backend` for a :class:`TokenStream`
+(``model.py`` has the simulated one; ``upstream.py`` will proxy a real
+server).  This module holds only the shapes they exchange -- the request, the
+simulation knobs, the failure -- and imports nothing that does I/O, so the
+pure modules that validate requests and build messages (``chat_request.py``,
+``ws_messages.py``) can use them and stay sans-IO, the way ``refimpl/sse/``
+is (STYLE §1; ``tests/test_sse_parser.py`` checks the imports).
+
+A :class:`TokenStream` has exactly two ways to get a token:
+
+* ``await stream.next()`` waits for the next token (``None`` at the end).  It
+  must be *cancel-safe*: if the await is cancelled (a heartbeat timer fired,
+  the client went away) no token is lost and a later call carries on.
+* ``stream.poll()`` returns a token only if one is ready *right now*, without
+  waiting.  The writers drain ``poll()`` after each ``next()`` so that when
+  the model is faster than the network, everything that is ready leaves in
+  one write (lesson 02, "cost per token").
+
+Either may raise :class:`ModelError` (an expected failure with an OpenAI error
+code, lesson 07); anything else it raises is a bug, which the engine reports
+as ``internal_error`` (``patterns/errors.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# A simulated tokenizer: every word (with the space before it) and every
+# punctuation mark is one token.  Real tokenizers split differently, but the
+# counts are stable, deterministic and easy to check by eye.
+TOKEN_RE = re.compile(r"\s*[\w'’-]+|\s*[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Number of simulated tokens in ``text`` (used for ``prompt_tokens``)."""
+    return len(TOKEN_RE.findall(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Simulate:
+    """Timing and failure knobs for the simulated model (DESIGN §2)."""
+
+    ttft_ms: float = 200.0
+    itl_ms: float = 20.0
+    tokens: int = 64
+    fail_after_tokens: int | None = None
+    fail_with: str = "model_error"
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """What a backend needs to start one generation, protocol-independent."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    model: str = "refimpl-sim"
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    simulate: Simulate = field(default_factory=Simulate)
+
+    @property
+    def prompt(self) -> str:
+        return "\n".join(content for _, content in self.messages)
+
+
+class ModelError(Exception):
+    """The model failed mid-generation; ``code`` names why (OpenAI error code)."""
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        super().__init__(message or f"The model failed while generating ({code}).")
+        self.code = code
+        self.message = str(self)
+
+
+class TokenStream(Protocol):  # see the module docstring
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None  # "stop" | "length", set when next() returns None
+
+    async def next(self) -> str | None: ...
+
+    def poll(self) -> str | None: ...
+
+
+class Backend(Protocol):
+    def start(self, request: ModelRequest) -> TokenStream: ...

@@ -1,0 +1,374 @@
+"""Every change refimpl makes to hypercorn, in one place, checked against its version.
+
+Strategy
+--------
+refimpl runs on stock hypercorn (its trio worker), and changes two things
+about it that no configuration can: a faster write path for token streams,
+and a watchdog under each WebSocket.  Both are subclasses of hypercorn
+classes that override methods hypercorn does not promise to keep, and both
+must replace hypercorn's own class process-wide, since hypercorn creates
+those objects itself.  Such patches are safe only while the code under them
+is the code they were written against, so:
+
+* they live here and nowhere else, and :func:`install` is the one place that
+  puts them in (``app.serve()`` calls it before every server starts);
+* :data:`WRITTEN_FOR` records the hypercorn version they were written
+  against and a fingerprint of the source of every hypercorn method they
+  override; :func:`install` refuses to start if a name they need is gone and
+  logs a warning if the version differs; ``tests/test_hypercorn_patches.py``
+  fails as soon as any fingerprint changes, so an upgrade is re-read first.
+
+Lesson 13 teaches the first patch and lesson 03 the second.
+
+1. The write fast path (lesson 13, "cost per token")
+====================================================
+
+Every byte hypercorn sends -- each HTTP/1.1 body chunk, each HTTP/2 frame
+batch, each WebSocket message -- goes through one method,
+``hypercorn.trio.tcp_server.TCPServer.protocol_send(RawData(...))``, which
+does this per write (hypercorn 0.18)::
+
+    async with self.send_lock:                     # a trio.Lock
+        with trio.CancelScope(shield=True):        # a half-sent write must finish
+            await self.stream.send_all(data)       # SocketStream: conflict
+                                                   # detector, error translation,
+                                                   # socket.send via trio's
+                                                   # "try, else wait" helper
+
+All of it is correct and most of it is needed only when the socket is *full*.
+DESIGN §4 measured that in a token stream, where a write is one small SSE
+event and the socket almost never is full, this wrapping costs about as much
+CPU as everything else per token together: the lock and the helper each take
+the task through the trio scheduler, and the cancel scope and the context
+managers around ``send()`` are Python objects built and torn down per write.
+
+The fast path, taken per write when it is safe, is one non-blocking system
+call: ``os.write`` on the socket's file descriptor (on a socket that is
+``send(fd, data, 0)``; trio keeps every socket non-blocking, so it never
+blocks).  It is safe because of when it is taken:
+
+* **Only on a plain** ``trio.SocketStream``.  Under TLS the bytes on the
+  socket are ciphertext that ``trio.SSLStream`` owns, so a TLS connection
+  always takes hypercorn's own path.
+* **Only when the send lock is free.**  trio's ``Lock`` hands itself directly
+  to the next waiter on release, so a free lock means nobody is inside the
+  stock path and nobody is queued for it: our bytes go after every byte
+  written before them, exactly as if we had taken the lock.  Between the
+  check and the system call there is no ``await``, so no other task can run.
+* **Only whole writes.**  If the kernel takes *part* of the data, the rest
+  goes through the stock path at once (still without an ``await`` in between,
+  so nothing can overtake it), shielded from cancellation like the stock
+  ``send_all``, so a cancelled writer can never leave half an event on the
+  wire.  If it takes nothing (``EAGAIN``, ``BlockingIOError``: the client is
+  slow), the whole event takes the stock path, which waits for the socket --
+  backpressure (lesson 10) works unchanged.
+* **Same errors.**  A closed socket (``fileno() == -1``) takes the stock path,
+  which raises and handles it as before; any other ``OSError`` from the
+  system call (reset, broken pipe) is handled exactly as the stock path
+  handles the ``BrokenResourceError`` trio would have made of it: the
+  protocol is told ``Closed()``.
+
+What it gives up: the stock path passes through the scheduler on every write,
+which is what lets other tasks run while one writer streams flat out.  The
+fast path yields only on every ``YIELD_EVERY``-th write, with
+``trio.lowlevel.checkpoint()`` *before* that write: that is also where a
+cancelled writer (the client went away, the server is shutting down) learns
+about it, before any byte of the event left, as in the stock path.  A writer
+that waits for its model yields there anyway; the forced yield matters only
+to one that never waits.  Fewer yields are cheaper and make each one a longer
+wait in a busy scheduler, which shows as a slightly longer ITL tail.
+
+``REFIMPL_FASTWRITE=0`` in the environment (``refimpl bench
+--no-fastwrite``) keeps the stock class.
+
+2. The WebSocket watchdog (lesson 03): keepalive pings, dead peers, stalled readers
+==================================================================================
+
+Three things a long-lived socket needs can only be done *below* ASGI, because
+an ASGI application sees messages, never frames or the TCP connection:
+
+1. **Keepalive.**  RFC 6455 §5.5.2-5.5.3: either side may send a Ping control
+   frame and the other must answer with a Pong "as soon as is practical".
+   Every client library (browsers, ``websockets``, ``trio-websocket``) answers
+   on its own, so a ping every ``ping_interval`` seconds keeps NATs and proxies
+   from timing out an idle socket *and* proves the peer is alive.  ASGI has
+   no message to send a ping, and hypercorn's own ``websocket_ping_interval``
+   sends pings but ignores the answers, so it cannot notice a dead peer.
+2. **Dead peers.**  A peer that vanished without a FIN (laptop lid, lost Wi-Fi,
+   a frozen process: a *half-open* connection) looks exactly like a quiet one.
+   We count any bytes from the peer as a sign of life; if nothing at all
+   arrives within ``ping_timeout`` seconds of a ping, the peer is dead.
+3. **Stalled readers.**  A WebSocket send blocks when the client stops reading
+   (natural backpressure, lesson 10), but hypercorn's write is *shielded* from
+   cancellation (DESIGN §4): a ``trio.move_on_after`` around
+   ``websocket.send`` in the route can never fire while the write is stuck.
+   So the watchdog times the writes itself, one layer down: a frame that has
+   waited ``stall_timeout`` seconds to be written means the client stopped
+   reading, and the connection is dropped.
+
+Dropping means RFC 6455 §7.1.7 "Fail the WebSocket Connection" without the
+Close frame: one cannot be written to a peer that is dead or not reading, so
+we close the TCP connection at once.  That also frees the stuck write (a
+closed socket wakes it with an error), the route sees a disconnect, and the
+reason is left in :attr:`Watchdog.dropped` so the generation's trace can say
+``cancelled(ping_timeout)`` or ``cancelled(stall_timeout)``.
+
+How it is wired.  :class:`WatchedWSStream` subclasses hypercorn's WebSocket
+stream, and hypercorn's HTTP/1.1 protocol is made to use it (WebSocket over
+HTTP/2, RFC 8441, keeps stock behaviour).  A route opts in per connection by putting a
+:class:`Watchdog` with its settings into the ASGI scope *before* it accepts;
+the stream reads it when the handshake completes.  The same settings also set
+hypercorn's per-message size limit, which hypercorn enforces *while* it
+buffers a message (close code 1009, RFC 6455 §7.4.1), so an oversized message
+never reaches the route in memory; the watchdog notes that close too
+(``message_too_big``), since the route never sees its cause.  Lesson 03
+explains all of this; the keepalive itself is ``patterns/heartbeat.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import hypercorn.protocol.h11 as hypercorn_h11
+import hypercorn.trio.run as hypercorn_run
+import trio
+from hypercorn.events import Closed, RawData
+from hypercorn.events import Event as TCPEvent
+from hypercorn.protocol.events import Data, Event, StreamClosed
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import WebsocketAcceptEvent
+from wsproto.events import CloseConnection, Ping
+from wsproto.events import Event as WSProtoEvent
+from wsproto.frame_protocol import CloseReason
+
+from .patterns import heartbeat
+
+log = logging.getLogger("refimpl")
+
+# region: written-for
+#: The hypercorn these patches were written against, and a fingerprint (the
+#: first 16 hex digits of the SHA-256 of ``inspect.getsource``) of each
+#: hypercorn method they override or rely on the behaviour of.
+WRITTEN_FOR = {
+    "version": "0.18.0",
+    "TCPServer.protocol_send": "225856426bff7be0",
+    "WSStream.__init__": "3534d3ebe8f7a1a4",
+    "WSStream.handle": "743209f49012b8c7",
+    "WSStream._accept": "144623ad2e13fc56",
+    "WSStream._send_wsproto_event": "3a4df3f0d2dfd314",
+}
+# endregion: written-for
+
+#: Writes between two forced trips through the scheduler (see above).
+YIELD_EVERY = 8
+STOCK_TCP_SERVER = TCPServer
+STOCK_WS_STREAM = WSStream
+#: The ASGI scope key a route sets to a :class:`Watchdog` before accepting.
+SCOPE_KEY = "refimpl.watchdog"
+
+
+# -- 1. the write fast path ------------------------------------------------------
+# region: fast-write
+class FastTCPServer(TCPServer):
+    """hypercorn's trio ``TCPServer`` with a non-blocking write fast path."""
+
+    _writes = 0
+
+    async def protocol_send(self, event: TCPEvent) -> None:
+        # An exact type test: trio.SSLStream is not a SocketStream, nor is
+        # anything else a future hypercorn might hand us.
+        if type(event) is not RawData or type(self.stream) is not trio.SocketStream:
+            return await super().protocol_send(event)
+        self._writes += 1
+        if self._writes % YIELD_EVERY == 0:
+            await trio.lowlevel.checkpoint()  # let others run; deliver a cancel
+        data = event.data
+        fd = self.stream.socket.fileno()  # -1 once closed: never a stale fd
+        if self.send_lock.locked() or fd == -1 or not data:
+            return await super().protocol_send(event)
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:  # socket full: wait for it the stock way
+            return await super().protocol_send(event)
+        except OSError:  # what trio would raise as BrokenResourceError
+            return await self.protocol.handle(Closed())
+        if sent < len(data):  # partial: the rest, now, before anyone else
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(RawData(data[sent:]))
+
+
+# endregion: fast-write
+
+
+# -- 2. the WebSocket watchdog ---------------------------------------------------
+@dataclass
+class Watchdog:
+    """One connection's settings, and why the watchdog dropped it (if it did)."""
+
+    ping_interval: float | None = 20.0  # seconds between pings; None: no pings
+    ping_timeout: float = 20.0  # seconds a ping may go unanswered
+    stall_timeout: float | None = 30.0  # seconds a frame may wait to be written
+    max_message_bytes: int = 1 << 20  # largest message accepted (else 1009)
+    # Why the connection ended on our side, if it did: "ping_timeout",
+    # "stall_timeout", or "message_too_big" (hypercorn sent the 1009).
+    dropped: str | None = None
+    # Called each time a ping goes out (the route records it in the running
+    # generation's trace as a heartbeat), and with the reason when the
+    # watchdog drops the connection (the route cancels the generation at
+    # once, before the disconnect has travelled up through hypercorn).
+    on_ping: Callable[[], None] | None = None
+    on_drop: Callable[[str], None] | None = None
+
+
+class WatchedWSStream(WSStream):
+    """hypercorn's WebSocket stream, plus :class:`Watchdog` duties."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.watchdog: Watchdog | None = None  # from the scope, at accept
+        self._heard = trio.Event()  # set when bytes arrive from the peer
+        self._writing: dict[int, float] = {}  # frames being written -> since when
+        self._frames = 0
+        self._watch = trio.CancelScope()
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, Data):  # WebSocket bytes from the peer: it is alive
+            self._heard.set()
+        elif isinstance(event, StreamClosed):  # however it ended, stop watching
+            self._watch.cancel()
+        await super().handle(event)
+
+    async def _accept(self, message: WebsocketAcceptEvent) -> None:
+        watchdog = self.scope.get(SCOPE_KEY)
+        if isinstance(watchdog, Watchdog):
+            self.watchdog = watchdog
+            # Before the handshake answer leaves: the client may send at once.
+            self.buffer.max_length = watchdog.max_message_bytes
+        await super()._accept(message)
+        if self.watchdog is not None:
+            self.task_group.spawn(self._watch_over)
+
+    async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
+        # Every frame we write passes here; remember since when it waits.
+        too_big = isinstance(event, CloseConnection) and event.code == CloseReason.MESSAGE_TOO_BIG
+        if too_big and self.watchdog is not None:  # hypercorn's 1009: the route never saw it
+            self.watchdog.dropped = "message_too_big"
+        self._frames += 1
+        frame = self._frames
+        self._writing[frame] = trio.current_time()
+        try:
+            await super()._send_wsproto_event(event)
+        finally:
+            del self._writing[frame]
+
+    async def _watch_over(self) -> None:
+        with self._watch:
+            async with trio.open_nursery() as nursery:
+                if self.watchdog.ping_interval is not None:
+                    nursery.start_soon(self._keepalive)
+                if self.watchdog.stall_timeout is not None:
+                    nursery.start_soon(self._stall_guard)
+
+    # region: keepalive
+    async def _keepalive(self) -> None:
+        dog = self.watchdog
+        await heartbeat.keep_websocket_alive(self, dog.ping_interval, dog.ping_timeout)
+        self._drop("ping_timeout")  # it returns only when the peer is dead
+
+    # heartbeat.PingTarget: what keep_websocket_alive needs of a connection.
+    def listen(self) -> trio.Event:
+        self._heard = trio.Event()
+        return self._heard
+
+    def send_ping(self, payload: bytes) -> None:
+        # In its own task: keep_websocket_alive must not wait for the write.
+        self.task_group.spawn(self._send_wsproto_event, Ping(payload))
+        if self.watchdog.on_ping is not None:
+            self.watchdog.on_ping()
+
+    # endregion: keepalive
+
+    # region: stall-guard
+    async def _stall_guard(self) -> None:
+        limit = self.watchdog.stall_timeout
+        while True:
+            oldest = min(self._writing.values(), default=None)
+            now = trio.current_time()
+            if oldest is not None and now - oldest >= limit:
+                return self._drop("stall_timeout")
+            # The next moment a write that is waiting now (or one that starts
+            # later) could have waited too long.
+            await trio.sleep_until((now if oldest is None else oldest) + limit)
+
+    # endregion: stall-guard
+
+    def _drop(self, reason: str) -> None:
+        """Close the TCP connection now; the route sees a disconnect."""
+        self.watchdog.dropped = reason
+        if self.watchdog.on_drop is not None:
+            self.watchdog.on_drop(reason)
+        self._watch.cancel()
+        # "This stream is over" is how hypercorn's HTTP/1.1 protocol learns
+        # to close the socket; a task of its own, so no cancel stops it.
+        self.task_group.spawn(self.send, StreamClosed(stream_id=self.stream_id))
+
+
+# -- installing, once, after checking -----------------------------------------
+def _fingerprint(func: object) -> str:
+    return hashlib.sha256(inspect.getsource(func).encode()).hexdigest()[:16]
+
+
+def fingerprints() -> dict[str, str]:
+    """The installed hypercorn's version and method fingerprints, in the
+    shape of :data:`WRITTEN_FOR`."""
+    methods = {
+        "TCPServer.protocol_send": STOCK_TCP_SERVER.protocol_send,
+        "WSStream.__init__": STOCK_WS_STREAM.__init__,
+        "WSStream.handle": STOCK_WS_STREAM.handle,
+        "WSStream._accept": STOCK_WS_STREAM._accept,
+        "WSStream._send_wsproto_event": STOCK_WS_STREAM._send_wsproto_event,
+    }
+    return {"version": version("hypercorn"), **{name: _fingerprint(f) for name, f in methods.items()}}
+
+
+# region: install
+def install(fastwrite: bool | None = None) -> bool:
+    """Put both patches in; returns whether the write fast path is on.
+
+    ``fastwrite=None`` reads ``REFIMPL_FASTWRITE`` (anything but ``0`` means
+    on); ``False`` keeps hypercorn's own ``TCPServer``.  Idempotent and cheap,
+    so ``serve()`` calls it each time a server starts.
+    """
+    if hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, FastTCPServer) or hypercorn_h11.WSStream not in (
+        STOCK_WS_STREAM,
+        WatchedWSStream,
+    ):
+        raise RuntimeError(
+            "hypercorn no longer creates the classes refimpl patches; see hypercorn_patches.py"
+        )
+    found = fingerprints()
+    if found != WRITTEN_FOR:
+        changed = sorted(k for k in WRITTEN_FOR if found.get(k) != WRITTEN_FOR[k])
+        log.warning(
+            "hypercorn %s is not the %s refimpl's patches were written for (changed: %s)",
+            found["version"],
+            WRITTEN_FOR["version"],
+            ", ".join(changed),
+        )
+    if fastwrite is None:
+        fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"
+    hypercorn_run.TCPServer = FastTCPServer if fastwrite else STOCK_TCP_SERVER
+    # A connection whose route put no Watchdog in its scope behaves exactly
+    # like stock hypercorn.
+    hypercorn_h11.WSStream = WatchedWSStream
+    return fastwrite
+
+
+# endregion: install
