@@ -54,6 +54,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         Metrics(),
         max_active=config.max_active,
         generation_timeout=config.generation_timeout,
+        retry_after=config.retry_after,
     )
     app.extensions["refimpl.engine"] = engine
 

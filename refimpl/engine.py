@@ -275,11 +275,13 @@ class Engine:
         max_active: int = 1024,
         keep_finished: int = 512,
         generation_timeout: float | None = None,
+        retry_after: float = 1.0,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_active = max_active
         self.generation_timeout = generation_timeout
+        self.retry_after = retry_after  # what 429 and 503 tell clients to wait
         self.accepting = True
         self.active: dict[str, Generation] = {}
         self._recent: OrderedDict[str, Generation] = OrderedDict()
@@ -287,12 +289,13 @@ class Engine:
 
     def start(self, request: ModelRequest, protocol: str) -> Generation:
         if not self.accepting:
-            raise APIError(503, "The server is shutting down.", code="shutting_down")
+            raise APIError(503, "The server is shutting down.", code="shutting_down", retry_after=self.retry_after)
         if len(self.active) >= self.max_active:
             raise APIError(
                 429,
                 f"Too many concurrent generations (limit {self.max_active}).",
                 code="too_many_generations",
+                retry_after=self.retry_after,
             )
         gen = Generation(self, request, protocol)
         self.active[gen.id] = gen

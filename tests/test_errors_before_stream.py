@@ -189,3 +189,5 @@ async def test_too_many_generations_is_429(start_server, client):
         resp = await client.post(server.url + URL, json=chat_body())
         assert resp.status_code == 429
         assert resp.json()["error"]["type"] == "rate_limit_error"
+        # When to try again: the SDKs wait this long before their retry.
+        assert (resp.headers["retry-after"], resp.headers["retry-after-ms"]) == ("1", "1000")

@@ -114,6 +114,7 @@ class APIError(Exception):
         param: str | None = None,
         type: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -122,26 +123,30 @@ class APIError(Exception):
         self.param = param
         self.type = type or _STATUS_TYPE.get(status, "server_error")
         self.retry_after = retry_after  # seconds; sent as Retry-After
+        self._headers = headers or {}  # e.g. X-Request-Id of the failed generation
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self) -> dict[str, str]:
-        """``Retry-After`` in whole seconds (RFC 9110 §10.2.3), and OpenAI's
-        ``retry-after-ms``, which its SDKs read first, for finer waits."""
+        """The response headers: any given, plus ``Retry-After`` in whole
+        seconds (RFC 9110 §10.2.3) and OpenAI's ``retry-after-ms``, which its
+        SDKs read first, for finer waits."""
         if self.retry_after is None:
-            return {}
+            return self._headers
         return {
+            **self._headers,
             "Retry-After": str(math.ceil(self.retry_after)),
             "retry-after-ms": str(round(self.retry_after * 1000)),
         }
 
 
 # region: failure-status
-def failure_status(err: ModelError, retry_after: float) -> APIError:
+def failure_status(err: ModelError, retry_after: float, headers: dict[str, str]) -> APIError:
     """A model failure, for a response that has not started yet (non-streamed)."""
     status, retry = FAILURES.get(err.code, (500, False))
-    return APIError(status, err.message, code=err.code, retry_after=retry_after if retry else None)
+    wait = retry_after if retry else None
+    return APIError(status, err.message, code=err.code, retry_after=wait, headers=headers)
 
 
 # endregion: failure-status

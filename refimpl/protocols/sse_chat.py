@@ -159,9 +159,11 @@ async def complete(gen: Generation, headers: dict[str, str], config: Config) -> 
         while (step := await gen.pull()) is not FINISHED:
             parts += step
     except ModelError as err:  # the status line is still ours: say it there
-        raise errors.failure_status(err, config.retry_after) from None
+        raise errors.failure_status(err, config.retry_after, headers) from None
     except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
-        raise errors.failure_status(errors.cancelled_error(cancel.reason), config.retry_after) from None
+        raise errors.failure_status(
+            errors.cancelled_error(cancel.reason), config.retry_after, headers
+        ) from None
     finally:
         if not gen.finished:  # we are leaving early: the client went away
             gen.cancel("client_disconnect")
