@@ -107,7 +107,7 @@ async def test_a_bug_in_the_backend_is_internal_error_with_a_traceback_in_the_lo
 
 async def test_generation_timeout_ends_a_silent_model(start_server, client, autojump_clock):
     server = await start_server(generation_timeout=1.5, heartbeat=0.5)
-    content, error, events, trace = await sse_failure(server, client, {"ttft_ms": 60_000})
+    content, error, _events, trace = await sse_failure(server, client, {"ttft_ms": 60_000})
     assert content == ""
     assert error["error"]["code"] == "timeout" and error["error"]["type"] == "server_error"
     assert error["error"]["message"] == "The generation did not finish within 1.5 s."
@@ -146,7 +146,30 @@ async def test_no_generation_timeout_by_default(start_server, client, autojump_c
     """Off unless asked: a ten-minute TTFT still streams (the heartbeat keeps
     the client's 10 s read timeout from firing)."""
     server = await start_server(heartbeat=5)
-    resp, events = await read_events(
+    _resp, events = await read_events(
         client, server.url, chat_body(stream=True, simulate={"ttft_ms": 600_000})
     )
     assert events[-1].data == "[DONE]"
+
+
+async def test_a_bug_in_the_sse_writer_still_ends_with_an_error_event(server, client, monkeypatch, caplog):
+    """Not only the backend: an exception in our own framing code mid-stream
+    gives the client an error event, not a truncated body."""
+    from refimpl.protocols import sse_chat
+
+    real, calls = sse_chat.ChunkFramer.content, []
+
+    def content(self, tokens):
+        calls.append(tokens)
+        if len(calls) == 3:
+            raise ValueError("framing bug")
+        return real(self, tokens)
+
+    monkeypatch.setattr(sse_chat.ChunkFramer, "content", content)
+    with caplog.at_level(logging.INFO, logger="refimpl"):
+        content_text, error, _events, trace = await sse_failure(server, client, {"itl_ms": 1})
+    assert content_text == "".join(t for batch in calls[:2] for t in batch)
+    assert error["error"]["code"] == "internal_error" and "framing bug" not in json.dumps(error)
+    assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("cancelled", "internal_error")
+    (bug,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert bug.exc_info[0] is ValueError and trace["id"] in bug.getMessage()

@@ -184,10 +184,11 @@ def cancelled_error(reason: str) -> ModelError:
 
 # region: bugs-and-logs
 def from_bug(exc: Exception, gen_id: str) -> ModelError:
-    """A backend raised something that is not a ModelError: a bug.  Log it
-    with its traceback (someone must fix it) and tell the client only that we
-    failed; the exception text may hold internals it must not see."""
-    log.error("generation %s: the backend raised %s", gen_id, type(exc).__name__, exc_info=exc)
+    """Something that is not a ModelError was raised while generating (in a
+    backend, or in a writer): a bug.  Log it with its traceback (someone must
+    fix it) and tell the client only that we failed; the exception text may
+    hold internals it must not see."""
+    log.error("generation %s: %s raised while generating", gen_id, type(exc).__name__, exc_info=exc)
     return ModelError("internal_error", "The server had an error while generating the response.")
 
 

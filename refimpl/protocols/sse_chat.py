@@ -119,6 +119,9 @@ async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) ->
         yield errors.sse_error_event(err)
     except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
         yield errors.sse_error_event(errors.cancelled_error(cancel.reason))
+    except Exception as bug:  # a bug of ours: an error event, not a cut body
+        gen.cancel("internal_error")
+        yield errors.sse_error_event(errors.from_bug(bug, gen.id))
     finally:
         if not gen.finished:  # we are leaving early: the client went away
             gen.cancel("client_disconnect")

@@ -1,0 +1,170 @@
+"""Record a stream as the client sees it, and draw it: the notebooks' figures.
+
+Strategy
+--------
+A lesson's figure must come from a real run, not be drawn by hand (STYLE,
+"Figures"), and a notebook cell should stay one call long.  So this module
+has two halves:
+
+* :func:`record` streams one request with httpx and stamps every arrival with
+  the client's clock: each content chunk, each heartbeat comment, the error
+  event, ``[DONE]`` -- and notices when the body ends without either (a cut
+  stream).  Comments are invisible to an SSE parser by design (WHATWG HTML
+  §9.2.6 ignores them), so the recorder splits lines itself to see them,
+  and uses :class:`~refimpl.sse.SSEParser` for the events.
+* :func:`timeline` draws recordings, one row each, beside the server's trace
+  of the same generation (``GET /v1/debug/generations/{id}``): what the
+  client saw on top, what the server did beneath, on one time axis.
+
+Times are seconds since the request was sent (client) or since the trace's
+``accepted`` event (server); both clocks are monotonic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from .sse import SSEParser
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at: float  # seconds since the request was sent
+    kind: str  # "token", "ping", "error", "done", "other"
+    text: str = ""
+
+
+@dataclass
+class Recording:
+    id: str = ""  # the generation id (X-Request-Id)
+    status: int = 0
+    arrivals: list[Arrival] = field(default_factory=list)
+    # How the body ended: "done" ([DONE]), "error" (an error event), "cut"
+    # (neither: the connection ended early), or "refused" (a 4xx/5xx).
+    ending: str = ""
+    error: dict[str, Any] | None = None
+
+    def times(self, kind: str) -> list[float]:
+        return [a.at for a in self.arrivals if a.kind == kind]
+
+    @property
+    def text(self) -> str:
+        return "".join(a.text for a in self.arrivals if a.kind == "token")
+
+
+# region: record
+async def record(url: str, body: dict[str, Any], *, timeout: float = 60) -> Recording:
+    """POST ``body`` to ``url`` (the full chat completions URL) and stamp
+    every arrival.  Never raises for what the server or a proxy does."""
+    rec, parser, carry = Recording(), SSEParser(), b""
+    start = trio.current_time()
+
+    def stamp(kind: str, text: str = "") -> None:
+        rec.arrivals.append(Arrival(trio.current_time() - start, kind, text))
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        try:
+            async with client.stream("POST", url, json={**body, "stream": True}) as resp:
+                rec.status, rec.id = resp.status_code, resp.headers.get("x-request-id", "")
+                if resp.status_code != 200:
+                    rec.ending, rec.error = "refused", json.loads(await resp.aread()).get("error")
+                    return rec
+                async for raw in resp.aiter_bytes():
+                    *lines, carry = (carry + raw).split(b"\n")
+                    for _ in (line for line in lines if line.startswith(b":")):
+                        stamp("ping")
+                    for event in parser.feed(raw):
+                        _arrived(rec, event, stamp)
+        except httpx.HTTPError as err:  # cut by a proxy, or a read timeout
+            rec.error = {"message": f"{type(err).__name__}: {err}"}
+    rec.ending = rec.ending or "cut"
+    return rec
+
+
+def _arrived(rec: Recording, event: Any, stamp: Any) -> None:
+    if event.data == "[DONE]":
+        rec.ending = "done"
+        return stamp("done")
+    payload = json.loads(event.data)
+    if event.type == "error":
+        rec.ending, rec.error = "error", payload["error"]
+        return stamp("error", payload["error"].get("code") or "")
+    choices = payload.get("choices") or [{}]
+    content = choices[0].get("delta", {}).get("content")
+    stamp("token" if content else "other", content or "")
+
+
+# endregion: record
+
+# How each kind of mark is drawn, client side and server side.
+_CLIENT = {
+    "token": ("|", "tab:blue"),
+    "ping": ("o", "tab:green"),
+    "error": ("X", "tab:red"),
+    "done": ("s", "black"),
+}
+_SERVER = {
+    "accepted": ("^", "grey"),
+    "first_token": ("|", "tab:blue"),
+    "heartbeat": ("o", "tab:green"),
+    "error": ("X", "tab:red"),
+    "cancelled": ("X", "tab:orange"),
+    "done": ("s", "black"),
+}
+
+
+def timeline(
+    runs: dict[str, Recording],
+    traces: dict[str, dict[str, Any]] | None = None,
+    *,
+    title: str = "",
+    limit: float | None = None,
+):
+    """One row per recording (client) and, beneath it, its server trace.
+
+    Returns the matplotlib Figure; in a notebook it shows inline.
+    """
+    import matplotlib.pyplot as plt  # only the notebooks need matplotlib
+
+    traces = traces or {}
+    rows = [(label, "client") for label in runs] + [(label, "server") for label in runs if label in traces]
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.55 * len(rows)))
+    for y, (label, side) in enumerate(reversed(rows)):
+        marks = _client_marks(runs[label]) if side == "client" else _server_marks(traces[label])
+        for kind, xs in marks.items():
+            marker, color = (_CLIENT if side == "client" else _SERVER)[kind]
+            ax.scatter(xs, [y] * len(xs), marker=marker, color=color, s=90, label=f"{side}: {kind}")
+        if side == "client" and runs[label].ending == "cut":
+            end = max([a.at for a in runs[label].arrivals], default=0)
+            ax.annotate("cut", (end, y), textcoords="offset points", xytext=(6, 6), color="tab:red")
+    ax.set_yticks(range(len(rows)), [f"{label} ({side})" for label, side in reversed(rows)])
+    ax.set_xlabel("seconds since the request")
+    if limit is not None:
+        ax.set_xlim(-0.05 * limit, limit)
+    handles = {h.get_label(): h for h in ax.collections}
+    ax.legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _client_marks(rec: Recording) -> dict[str, list[float]]:
+    return {kind: xs for kind in _CLIENT if (xs := rec.times(kind))}
+
+
+def _server_marks(trace: dict[str, Any]) -> dict[str, list[float]]:
+    """Trace events by name, relative to ``accepted`` (the trace records the
+    first token, not each one: per-token stamps are the client's row)."""
+    events = trace["events"]
+    zero = events[0]["at"]
+    marks: dict[str, list[float]] = {}
+    for event in events:
+        if event["name"] in _SERVER:
+            marks.setdefault(event["name"], []).append(event["at"] - zero)
+    return marks
