@@ -16,15 +16,21 @@ The event names are part of the public interface (DESIGN §2, "Trace"):
 ``accepted``      the request passed validation and a generation exists
 ``first_token``   the model produced its first token (TTFT ends here)
 ``paused`` / ``resumed``   backpressure stopped / restarted the model
-``heartbeat``     a keep-alive comment was sent while nothing else was
+                  (reserved for the backpressure policies, lesson 10)
+``heartbeat``     a keep-alive went out while the generation ran: an SSE
+                  ``: ping`` comment or a WebSocket ping frame
+                  (``patterns/heartbeat.py``, lesson 08)
 ``error``         the generation failed; ``detail`` holds the error code
-``cancelled``     it was stopped early; ``detail`` is the reason
-                  (``client_disconnect``, ``client_cancel``, ``deadline``,
-                  ``shutdown``)
+                  (``patterns/errors.py``, lesson 07)
+``cancelled``     it was stopped early; ``detail`` is the reason:
+                  ``client_disconnect``, ``client_cancel``, ``shutdown``,
+                  ``internal_error`` (a bug of ours mid-stream), and on the
+                  WebSocket ``protocol_error``, ``ping_timeout``,
+                  ``stall_timeout``, ``message_too_big``
 ``done``          it finished normally; ``detail`` is the finish_reason
 
 Tests, lessons, notebooks and the demo page read traces through
-``GET /v1/debug/generations/{id}`` (see ``protocols/sse_chat.py``) and through
+``GET /v1/debug/generations/{id}`` (a route of ``app.py``) and through
 :meth:`Trace.to_json`.  Lesson 00 uses the ``accepted`` → ``first_token``
 distance to show what streaming buys; lesson 09 uses ``cancelled``.
 """
