@@ -125,14 +125,20 @@ def timeline(
     title: str = "",
     limit: float | None = None,
 ):
-    """One row per recording (client) and, beneath it, its server trace.
+    """One row per recording (what the client saw) and, beneath it, its
+    server trace (what the server did), when ``traces`` has it.
 
     Returns the matplotlib Figure; in a notebook it shows inline.
     """
     import matplotlib.pyplot as plt  # only the notebooks need matplotlib
 
     traces = traces or {}
-    rows = [(label, "client") for label in runs] + [(label, "server") for label in runs if label in traces]
+    rows = [
+        (label, side)
+        for label in runs
+        for side in ("client", "server")
+        if side == "client" or label in traces
+    ]
     fig, ax = plt.subplots(figsize=(10, 0.6 + 0.55 * len(rows)))
     for y, (label, side) in enumerate(reversed(rows)):
         marks = _client_marks(runs[label]) if side == "client" else _server_marks(traces[label])
