@@ -17,7 +17,7 @@ A :class:`TokenStream` has exactly two ways to get a token:
   must be *cancel-safe*: if the await is cancelled (a heartbeat timer fired,
   the client went away) no token is lost and a later call carries on.
 * ``stream.poll()`` returns a token only if one is ready *right now*, without
-  waiting.  The writers drain ``poll()`` after each ``next()`` so that when
+  waiting.  The engine drains ``poll()`` after each ``next()`` so that when
   the model is faster than the network, everything that is ready leaves in
   one write (lesson 02, "cost per token").
 

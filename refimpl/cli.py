@@ -42,7 +42,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--retry-after",
         type=float,
         default=d.retry_after,
-        help="seconds a client should wait before retrying a 503 (Retry-After)",
+        help="seconds a client should wait before retrying a 429 or 503 (Retry-After)",
     )
     p.add_argument(
         "--stall-timeout",

@@ -74,9 +74,12 @@ fast path yields only on every ``YIELD_EVERY``-th write, with
 ``trio.lowlevel.checkpoint()`` *before* that write: that is also where a
 cancelled writer (the client went away, the server is shutting down) learns
 about it, before any byte of the event left, as in the stock path.  A writer
-that waits for its model yields there anyway; the forced yield matters only
-to one that never waits.  Fewer yields are cheaper and make each one a longer
-wait in a busy scheduler, which shows as a slightly longer ITL tail.
+that waits for its model yields there anyway, and refimpl's own writers also
+pass one checkpoint per write when tokens are ready (``Generation.pull``), so
+for them the forced yield is a second one every eighth write; it matters to
+any other writer on this server that never waits.  Fewer yields are cheaper
+and make each one a longer wait in a busy scheduler, which shows as a
+slightly longer ITL tail.
 
 ``REFIMPL_FASTWRITE=0`` in the environment (``refimpl bench
 --no-fastwrite``) keeps the stock class.

@@ -34,7 +34,7 @@ once per request into a prefix and a suffix around the content, so a token
 costs one C-level string escape and two concatenations, not a ``json.dumps``
 of a nested dict; the model step and the framing run in the one generator
 that Quart iterates (no hand-off between tasks); and every token that is
-already available leaves in one write (``Generation.ready``).
+already available leaves in one write (``Generation.pull``).
 """
 
 from __future__ import annotations
