@@ -13,6 +13,7 @@ import httpx
 import trio
 import trio.testing
 from conftest import chat_body
+from test_websocket import chat, open_chat
 
 from refimpl.sse import SSEParser
 
@@ -119,3 +120,21 @@ async def test_heartbeat_while_waiting_for_first_token(start_server, client, aut
     pings = [e for e in gen.trace.events if e.name == "heartbeat"]
     assert pings and all(p.tokens == 0 for p in pings)
     assert all(b.at - a.at >= 1.0 for a, b in itertools.pairwise(pings))
+
+
+async def test_a_writer_that_never_waits_still_notices_the_client_left(server):
+    """``Generation.pull`` passes one checkpoint per write when tokens are
+    ready.  On a WebSocket nothing else would: the model is never behind
+    (itl 0), and once the client has closed the socket hypercorn returns from
+    each send at once, without a checkpoint.  Without pull's checkpoint the
+    writer would run all ten million tokens for nobody and the trace would
+    say ``done``; with it, the generation is cancelled within a few writes."""
+    total = 10_000_000
+    async with open_chat(server) as ws:
+        await ws.send_message(chat(simulate={"ttft_ms": 0, "itl_ms": 0, "tokens": total}))
+        await ws.get_message()  # the stream is flowing: now hang up
+        (gen,) = server.engine.active.values()
+    with trio.fail_after(10):
+        await gen.ended.wait()
+    assert (gen.trace.events[-1].name, gen.trace.events[-1].detail) == ("cancelled", "client_disconnect")
+    assert gen.completion_tokens < total // 100

@@ -173,3 +173,13 @@ async def test_a_bug_in_the_sse_writer_still_ends_with_an_error_event(server, cl
     assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("cancelled", "internal_error")
     (bug,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert bug.exc_info[0] is ValueError and trace["id"] in bug.getMessage()
+
+
+async def test_an_unknown_fail_with_is_a_400_naming_the_choices(server, client):
+    body = chat_body(stream=True, simulate={"fail_after_tokens": 1, "fail_with": "boom"})
+    resp = await client.post(server.url + URL, json=body)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["param"], error["code"]) == ("simulate.fail_with", "invalid_value")
+    assert error["message"] == f"'simulate.fail_with' must be one of {sorted(FAIL_WITH)}."
+    assert not server.engine.active
