@@ -14,6 +14,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,notebooks,peers]'
 	touch $(STAMP)
 
+# The Node clients of tests/js (lesson 07), installed exactly as locked.
+NODE_STAMP := tests/js/node_modules/.installed-stamp
+
+$(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+test: $(NODE_STAMP)
+
 run: $(STAMP)
 	$(BIN)/refimpl serve
 
