@@ -37,12 +37,15 @@ class Arrival:
     at: float  # seconds since the request was sent
     kind: str  # "token", "ping", "error", "done", "other"
     text: str = ""
+    read: int = 0  # which read from the socket delivered it (0, 1, ...)
 
 
 @dataclass
 class Recording:
     id: str = ""  # the generation id (X-Request-Id)
     status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    started: float = 0.0  # trio.current_time() when the request was sent
     arrivals: list[Arrival] = field(default_factory=list)
     # How the body ended: "done" ([DONE]), "error" (an error event), "cut"
     # (neither: the connection ended early), or "refused" (a 4xx/5xx).
@@ -52,34 +55,48 @@ class Recording:
     def times(self, kind: str) -> list[float]:
         return [a.at for a in self.arrivals if a.kind == kind]
 
+    def reads(self, kind: str = "token") -> set[int]:
+        """The socket reads that delivered arrivals of this kind: one per
+        event when the stream flows, a single one when something held it."""
+        return {a.read for a in self.arrivals if a.kind == kind}
+
     @property
     def text(self) -> str:
         return "".join(a.text for a in self.arrivals if a.kind == "token")
 
 
 # region: record
-async def record(url: str, body: dict[str, Any], *, timeout: float = 60) -> Recording:
-    """POST ``body`` to ``url`` (the full chat completions URL) and stamp
-    every arrival.  Never raises for what the server or a proxy does."""
+async def record(
+    url: str, body: dict[str, Any], *, headers: dict[str, str] | None = None, timeout: float = 60
+) -> Recording:
+    """POST ``body`` as a streaming chat request to the server (or proxy) at
+    ``url`` and stamp every arrival.  Never raises for what the server or a
+    proxy does: a refusal, a cut or a timeout is in the :class:`Recording`."""
     rec, parser, carry = Recording(), SSEParser(), b""
-    start = trio.current_time()
+    rec.started = start = trio.current_time()
+    reads = 0
 
     def stamp(kind: str, text: str = "") -> None:
-        rec.arrivals.append(Arrival(trio.current_time() - start, kind, text))
+        rec.arrivals.append(Arrival(trio.current_time() - start, kind, text, reads))
 
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=timeout) as client:
         try:
-            async with client.stream("POST", url, json={**body, "stream": True}) as resp:
-                rec.status, rec.id = resp.status_code, resp.headers.get("x-request-id", "")
+            async with client.stream(
+                "POST", endpoint, json={**body, "stream": True}, headers=headers
+            ) as resp:
+                rec.status, rec.headers = resp.status_code, dict(resp.headers)
+                rec.id = resp.headers.get("x-request-id", "")
                 if resp.status_code != 200:
                     rec.ending, rec.error = "refused", json.loads(await resp.aread()).get("error")
                     return rec
-                async for raw in resp.aiter_bytes():
+                async for raw in resp.aiter_bytes():  # decoded: a proxy's gzip undone
                     *lines, carry = (carry + raw).split(b"\n")
                     for _ in (line for line in lines if line.startswith(b":")):
                         stamp("ping")
                     for event in parser.feed(raw):
                         _arrived(rec, event, stamp)
+                    reads += 1
         except httpx.HTTPError as err:  # cut by a proxy, or a read timeout
             rec.error = {"message": f"{type(err).__name__}: {err}"}
     rec.ending = rec.ending or "cut"
