@@ -13,7 +13,10 @@ layer a reader needs to see once (lesson 02):
 3. turn each event into a :class:`StreamEvent`: content, the finish reason,
    usage, an ``error`` event (raised as :class:`StreamError`), and
    ``[DONE]``, which ends the stream.  A body that ends *without* ``[DONE]``
-   is an error too: the stream was cut short.
+   is an error too (code ``incomplete``): the stream was cut short, whether
+   the body ended cleanly or the peer closed the connection in the middle
+   of it (httpx's ``RemoteProtocolError``, as when a proxy's read timeout
+   cuts a chunked response: lesson 08).
 
 Timestamps come from ``trio.current_time()``, so ``refimpl chat`` can print
 TTFT and tokens per second measured at the client.
@@ -58,18 +61,25 @@ async def stream_chat(
         if resp.status_code != 200:
             raise StreamError(_error_of(resp.status_code, await resp.aread()))
         parser = SSEParser()
-        async for raw in resp.aiter_raw():
-            for event in parser.feed(raw):
-                if event.data == "[DONE]":
-                    return
-                payload = json.loads(event.data)
-                if event.type == "error" or "error" in payload:
-                    raise StreamError(payload["error"])
-                yield _to_event(payload)
-    raise StreamError({"message": "the stream ended without [DONE]", "code": "incomplete"})
+        try:
+            async for raw in resp.aiter_raw():
+                for event in parser.feed(raw):
+                    if event.data == "[DONE]":
+                        return
+                    payload = json.loads(event.data)
+                    if event.type == "error" or "error" in payload:
+                        raise StreamError(payload["error"])
+                    yield _to_event(payload)
+        except httpx.RemoteProtocolError as err:  # the peer (a proxy, say) closed mid-body
+            raise _incomplete(f": {err}") from err
+    raise _incomplete()
 
 
 # endregion: client-stream
+
+
+def _incomplete(why: str = "") -> StreamError:
+    return StreamError({"message": "the stream ended without [DONE]" + why, "code": "incomplete"})
 
 
 def _error_of(status: int, body: bytes) -> dict[str, Any]:

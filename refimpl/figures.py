@@ -48,7 +48,8 @@ class Recording:
     started: float = 0.0  # trio.current_time() when the request was sent
     arrivals: list[Arrival] = field(default_factory=list)
     # How the body ended: "done" ([DONE]), "error" (an error event), "cut"
-    # (neither: the connection ended early), or "refused" (a 4xx/5xx).
+    # (neither, or the connection broke: then even after [DONE], as when a
+    # proxy waits for a close that never comes), or "refused" (a 4xx/5xx).
     ending: str = ""
     error: dict[str, Any] | None = None
 
@@ -98,7 +99,7 @@ async def record(
                         _arrived(rec, event, stamp)
                     reads += 1
         except httpx.HTTPError as err:  # cut by a proxy, or a read timeout
-            rec.error = {"message": f"{type(err).__name__}: {err}"}
+            rec.ending, rec.error = "cut", {"message": f"{type(err).__name__}: {err}"}
     rec.ending = rec.ending or "cut"
     return rec
 

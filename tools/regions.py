@@ -64,6 +64,7 @@ _LANGUAGES = {
     ".mjs": "javascript",
     ".sh": "sh",
     ".proto": "protobuf",
+    ".conf": "nginx",
 }
 
 

@@ -4,12 +4,13 @@ Two kinds live here, and nothing in ``refimpl`` imports either:
 
 * **Broken code, kept on purpose**: the "before" half of a lesson's
   broken/fixed pair (STYLE §4).  It exists, runs, and
-  ``tests/test_lesson_examples.py`` proves it breaks exactly the way the
-  lesson says.  Do not copy from it.
+  ``tests/test_lesson_examples.py`` (for JavaScript, ``tests/js/``) proves
+  it breaks exactly the way the lesson says.  Do not copy from it.
 
   ``naive_sse``     SSE readers that split on ``"\\n"`` (lesson 01)
   ``cut_at_60s``    a Quart stream that forgets ``response.timeout`` (lesson 02)
   ``seed_ws``       the seed's WebSocket loop, flaws and all (lesson 03)
+  ``seed_fetch.mjs``  the seed's ``fetch()`` SSE reader, flaws and all (lesson 07)
 
 * **Small working programs** the lessons include by region, so what a
   lesson shows is what the tests run.
@@ -18,4 +19,10 @@ Two kinds live here, and nothing in ``refimpl`` imports either:
   ``sse_tour``      the SSE wire format as a table of bytes -> events (lesson 01)
   ``clients``       httpx-sse and the openai SDK reading our stream (lesson 02)
   ``curl_stream.sh``  the same with curl (lesson 02)
+  ``midstream_clients``  what openai, LangChain, LiteLLM, httpx-sse and a
+                    naive reader each do with a mid-stream ``event: error``,
+                    measured (lesson 07)
+  ``nginx_proxy``   a real nginx in front of a server, for scripts, notebooks
+                    and the command line (lesson 08)
+  ``nginx.conf``    its config, tuned for token streams (lesson 08)
 """
