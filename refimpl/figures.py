@@ -14,7 +14,8 @@ has two halves:
   and uses :class:`~refimpl.sse.SSEParser` for the events.
 * :func:`timeline` draws recordings, one row each, beside the server's trace
   of the same generation (``GET /v1/debug/generations/{id}``): what the
-  client saw on top, what the server did beneath, on one time axis.
+  client saw on top, what the server did beneath, on one time axis;
+  :func:`arrivals` draws tokens received against time, one line each.
 
 Times are seconds since the request was sent (client) or since the trace's
 ``accepted`` event (server); both clocks are monotonic.
@@ -51,6 +52,7 @@ class Recording:
     # (neither, or the connection broke: then even after [DONE], as when a
     # proxy waits for a close that never comes), or "refused" (a 4xx/5xx).
     ending: str = ""
+    ended: float = 0.0  # seconds since the request: the body ended, or broke
     error: dict[str, Any] | None = None
 
     def times(self, kind: str) -> list[float]:
@@ -101,6 +103,7 @@ async def record(
         except httpx.HTTPError as err:  # cut by a proxy, or a read timeout
             rec.ending, rec.error = "cut", {"message": f"{type(err).__name__}: {err}"}
     rec.ending = rec.ending or "cut"
+    rec.ended = trio.current_time() - start
     return rec
 
 
@@ -164,8 +167,10 @@ def timeline(
             marker, color = (_CLIENT if side == "client" else _SERVER)[kind]
             ax.scatter(xs, [y] * len(xs), marker=marker, color=color, s=90, label=f"{side}: {kind}")
         if side == "client" and runs[label].ending == "cut":
-            end = max([a.at for a in runs[label].arrivals], default=0)
-            ax.annotate("cut", (end, y), textcoords="offset points", xytext=(6, 6), color="tab:red")
+            ax.scatter([runs[label].ended], [y], marker="$/$", color="tab:red", s=160, label="client: cut")
+            ax.annotate(
+                "cut", (runs[label].ended, y), textcoords="offset points", xytext=(6, 6), color="tab:red"
+            )
     ax.set_yticks(range(len(rows)), [f"{label} ({side})" for label, side in reversed(rows)])
     ax.set_xlabel("seconds since the request")
     if limit is not None:
@@ -174,6 +179,24 @@ def timeline(
     ax.legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def arrivals(runs: dict[str, Recording], *, title: str = ""):
+    """Tokens received so far against time, one line per recording: a
+    stream that flows is a staircase, one that something held is a cliff."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for label, rec in runs.items():
+        times = rec.times("token")
+        ax.step([0, *times], range(len(times) + 1), where="post", label=label)
+    ax.set_xlabel("seconds since the request")
+    ax.set_ylabel("tokens received")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
