@@ -289,7 +289,9 @@ class Engine:
 
     def start(self, request: ModelRequest, protocol: str) -> Generation:
         if not self.accepting:
-            raise APIError(503, "The server is shutting down.", code="shutting_down", retry_after=self.retry_after)
+            raise APIError(
+                503, "The server is shutting down.", code="shutting_down", retry_after=self.retry_after
+            )
         if len(self.active) >= self.max_active:
             raise APIError(
                 429,

@@ -358,12 +358,13 @@ def install(fastwrite: bool | None = None) -> bool:
         )
     found = fingerprints()
     if found != WRITTEN_FOR:
-        changed = sorted(k for k in WRITTEN_FOR if found.get(k) != WRITTEN_FOR[k])
+        changed = sorted(k for k in WRITTEN_FOR if k != "version" and found.get(k) != WRITTEN_FOR[k])
         log.warning(
-            "hypercorn %s is not the %s refimpl's patches were written for (changed: %s)",
-            found["version"],
+            "refimpl's hypercorn patches were written for hypercorn %s; this is %s%s: re-read "
+            "hypercorn_patches.py against it",
             WRITTEN_FOR["version"],
-            ", ".join(changed),
+            found["version"],
+            f", and the source of {', '.join(changed)} changed" if changed else "",
         )
     if fastwrite is None:
         fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"

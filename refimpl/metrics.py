@@ -38,7 +38,11 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("refimpl_errors", "Generations that failed, by reason.", ["reason"], registry=r)
-        self.heartbeats = Counter("refimpl_heartbeats", "Keep-alive comments sent.", registry=r)
+        self.heartbeats = Counter(
+            "refimpl_heartbeats",
+            "Heartbeats sent while a generation ran: SSE comments, WebSocket pings.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

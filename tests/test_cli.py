@@ -11,6 +11,8 @@ import sys
 
 import trio
 
+from refimpl.model import simulated_text
+
 PY = sys.executable
 
 
@@ -32,7 +34,7 @@ async def test_serve_then_chat_then_ctrl_c():
         )
         out = chat.stdout.decode()
         text, stats = out.strip().split("\n")[-2:]
-        assert len(text.split()) > 5
+        assert text == "".join(simulated_text("Hello there", 0)[:20])
         assert stats.startswith("TTFT ") and "20 tokens in 20 messages" in stats  # SSE: one event per token
         assert "'completion_tokens': 20" in stats
     finally:

@@ -14,6 +14,8 @@ import openai
 import pytest
 import trio
 
+from refimpl.model import simulated_text
+
 MODEL = "refimpl-sim"
 MESSAGES = [{"role": "user", "content": "Why should tokens stream?"}]
 
@@ -89,7 +91,8 @@ def sdk_stream_until_error(url: str) -> tuple[str, openai.APIError]:
 
 async def test_sdk_raises_on_mid_stream_error(server):
     text, err = await trio.to_thread.run_sync(sdk_stream_until_error, server.url)
-    assert text  # the tokens before the failure were delivered
+    # Exactly the three tokens made before the failure were delivered.
+    assert text == "".join(simulated_text(MESSAGES[0]["content"], 0)[:3])
     assert err.body["code"] == "overloaded"
 
 

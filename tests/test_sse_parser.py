@@ -273,29 +273,34 @@ def test_package_docstring_runs() -> None:
     assert doctest.testmod(refimpl.sse).failed == 0
 
 
-def test_imports_no_io_library() -> None:
+#: The sans-IO modules (STYLE §1): protocol rules and pure types that a test,
+#: a notebook or another event loop can use without a server.
+SANS_IO_MODULES = [
+    "refimpl.sse",
+    "refimpl.protocols.ws_messages",
+    "refimpl.protocols.chat_request",
+    "refimpl.backend",
+    "refimpl.jsonwire",
+    "refimpl.patterns.errors",
+]
+IO_LIBRARIES = {"trio", "quart", "httpx", "anyio", "selectors", "hypercorn", "asyncio", "socket", "ssl"}
+
+
+@pytest.mark.parametrize("module", SANS_IO_MODULES)
+def test_imports_no_io_library(module: str) -> None:
     # A fresh interpreter, so nothing imported by pytest or other tests hides
-    # an import made by refimpl.sse.  Anything already loaded at startup is
-    # excluded from "new" but still listed in "before" for the check below.
+    # an import the module makes (a type hint too: those belong under
+    # TYPE_CHECKING).  Anything already loaded at startup is excluded from
+    # "new" but still listed in "before" for the check below.
     script = (
-        "import sys, json; before = set(sys.modules); import refimpl.sse; "
+        f"import sys, json; before = set(sys.modules); import {module}; "
         "print(json.dumps([sorted(before), sorted(set(sys.modules) - before)]))"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before, new = map(set, json.loads(result.stdout))
-    io_libraries = {
-        "trio",
-        "quart",
-        "httpx",
-        "anyio",
-        "selectors",
-        "hypercorn",
-        "asyncio",
-        "socket",
-        "ssl",
-    }
+    assert module in new  # it really was imported here, not before
     loaded = {name.partition(".")[0] for name in new}
-    assert loaded.isdisjoint(io_libraries)
+    assert loaded & IO_LIBRARIES == set(), f"{module} imports I/O"
     # The always-banned ones must not even be around at startup.
     at_startup = {name.partition(".")[0] for name in before}
     assert at_startup.isdisjoint({"trio", "quart", "httpx", "anyio"})

@@ -97,15 +97,16 @@ def test_ws_url(given, expected):
 
 
 async def test_ws_client_turns_cancel_and_error(server):
-    async with connect(server.url) as ws:
-        first = [e async for e in ws.chat("Hello")]
-        second = [e async for e in ws.chat([{"role": "user", "content": "Hi"}], max_tokens=2)]
-        cancelled = []
-        async for event in ws.chat("Hello", simulate=SLOW):
-            cancelled.append(event)
-            if event.type == "token":
-                await ws.cancel()
-        failed = [e async for e in ws.chat("Hello", simulate={"fail_after_tokens": 0})]
+    with trio.fail_after(30):
+        async with connect(server.url) as ws:
+            first = [e async for e in ws.chat("Hello")]
+            second = [e async for e in ws.chat([{"role": "user", "content": "Hi"}], max_tokens=2)]
+            cancelled = []
+            async for event in ws.chat("Hello", simulate=SLOW):
+                cancelled.append(event)
+                if event.type == "token":
+                    await ws.cancel()
+            failed = [e async for e in ws.chat("Hello", simulate={"fail_after_tokens": 0})]
     assert "".join(e.content for e in first) == "".join(simulated_text("Hello", 0)[:24])
     assert first[-1].type == "done" and first[-1].usage["completion_tokens"] == 24
     assert first[0].at <= first[-1].at
@@ -117,23 +118,25 @@ async def test_ws_client_turns_cancel_and_error(server):
 
 async def test_ws_client_raises_when_the_socket_closes_mid_turn(start_server):
     server = await start_server(ws_max_message_bytes=100)
-    async with connect(server.url) as ws:
-        with pytest.raises(StreamError) as err:
-            async for _ in ws.chat("x" * 200):
-                pass
+    with trio.fail_after(30):
+        async with connect(server.url) as ws:
+            with pytest.raises(StreamError) as err:
+                async for _ in ws.chat("x" * 200):
+                    pass
     assert err.value.error["code"] == 1009
 
 
 async def test_ws_client_cancel_from_another_task(server):
-    async with connect(server.url) as ws, trio.open_nursery() as nursery:
-        events = ws.chat("Hello", simulate={"ttft_ms": 60_000})
+    with trio.fail_after(30):
+        async with connect(server.url) as ws, trio.open_nursery() as nursery:
+            events = ws.chat("Hello", simulate={"ttft_ms": 60_000})
 
-        async def cancel_when_running() -> None:
-            await running(server)
-            await ws.cancel()
+            async def cancel_when_running() -> None:
+                await running(server)
+                await ws.cancel()
 
-        nursery.start_soon(cancel_when_running)
-        final = [e async for e in events][-1]
+            nursery.start_soon(cancel_when_running)
+            final = [e async for e in events][-1]
     assert final.type == "cancelled" and final.usage["completion_tokens"] == 0
 
 

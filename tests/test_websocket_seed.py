@@ -105,17 +105,17 @@ async def test_a_send_timeout_in_the_route_never_fires(nursery):
     app = create_app(Config(simulate=TEST_SIMULATE))
     caught = seed_ws.register_send_timeout(app, seconds=0.05)
     server = Server(await nursery.start(partial(serve, app)), app)
-    peer = await RawPeer.connect(server, rcvbuf=4096, path=seed_ws.SEND_TIMEOUT_PATH)
-    # The peer reads nothing.  Wait until the route has been stuck in one send
-    # for ten times its timeout, with nothing at all happening meanwhile:
-    await trio.testing.wait_all_tasks_blocked(cushion=0.5)
-    assert caught == []  # the deadline passed long ago, and nothing fired
-    # Now the client reads again: the stuck send completes, the route's
-    # ``with`` block ends without another checkpoint, and the cancel that
-    # was due is never delivered.  The route just carries on sending.
-    received = 0
-    with trio.fail_after(10):
-        while received < 4 * 2**20:
-            received += len(await peer.stream.receive_some(2**16))
-    assert caught == []
-    await peer.stream.aclose()
+    async with await RawPeer.connect(server, rcvbuf=4096, path=seed_ws.SEND_TIMEOUT_PATH) as peer:
+        # The peer reads nothing.  Wait until the route has been stuck in one
+        # send for ten times its timeout, with nothing at all happening meanwhile:
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.5)
+        assert caught == []  # the deadline passed long ago, and nothing fired
+        # Now the client reads again: the stuck send completes, the route's
+        # ``with`` block ends without another checkpoint, and the cancel that
+        # was due is never delivered.  The route just carries on sending.
+        received = 0
+        with trio.fail_after(10):
+            while received < 4 * 2**20:
+                received += len(await peer.stream.receive_some(2**16))
+        assert caught == []

@@ -14,7 +14,10 @@ What the watchdog (``refimpl/hypercorn_patches.py``) promises (lesson 03; DESIGN
 The peers that misbehave are a raw socket speaking ``wsproto``: it can stop
 reading, and afterwards read every byte the server left it.  Timeouts here
 are short and real (the server shares the test's trio loop and real sockets);
-nothing asserts a duration, and waits are on events or on trio's quiescence.
+nothing asserts a duration, and waits are on events or on trio's quiescence,
+each under a ``fail_after``.  Every client socket is closed on the way out,
+pass or fail: a server blocked writing to a peer that neither reads nor
+closes would otherwise hang the test's teardown instead of failing it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import socket
 
 import trio
 import trio.testing
-from test_websocket import chat, ended, finish_turn, open_chat, running, turn
-from trio_websocket import wrap_client_stream
+from test_websocket import chat, ended, finish_turn, open_chat, running, turn, ws_url
+from trio_websocket import open_websocket_url, wrap_client_stream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
@@ -45,16 +48,31 @@ class RawPeer:
 
     @classmethod
     async def connect(cls, server, rcvbuf: int | None = None, path: str = PATH) -> RawPeer:
+        """A peer past the handshake.  ``async with await RawPeer.connect(...)``
+        closes its socket on the way out, pass or fail."""
         host, port = server.url.removeprefix("http://").split(":")
         sock = trio.socket.socket()
-        if rcvbuf:  # a small window: the server's send blocks sooner
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect((host, int(port)))
-        peer = cls(trio.SocketStream(sock))
-        await peer.stream.send_all(peer.ws.send(Request(host=host, target=path)))
-        while not any(isinstance(e, AcceptConnection) for e in await peer.read(1)):
-            pass  # one byte at a time: read nothing past the handshake
+        try:
+            if rcvbuf:  # a small window: the server's send blocks sooner
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            await sock.connect((host, int(port)))
+            peer = cls(trio.SocketStream(sock))
+            await peer.stream.send_all(peer.ws.send(Request(host=host, target=path)))
+            with trio.fail_after(10):
+                events = []
+                while not any(isinstance(e, AcceptConnection) for e in events):
+                    events = await peer.read(1)  # one byte at a time: nothing past the handshake
+                    assert events != [None], "the server closed the connection during the handshake"
+        except BaseException:
+            sock.close()
+            raise
         return peer
+
+    async def __aenter__(self) -> RawPeer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stream.aclose()
 
     async def send(self, text: str) -> None:
         await self.stream.send_all(self.ws.send(TextMessage(text)))
@@ -93,14 +111,17 @@ async def test_real_client_answers_pings_through_a_silent_ttft(start_server):
 
 async def test_dead_peer_is_dropped_and_its_generation_cancelled(start_server):
     server = await start_server(ws_ping_interval=0.05, ws_ping_timeout=0.2, stall_timeout=None)
-    peer = await RawPeer.connect(server)
-    await peer.send(chat(simulate={"ttft_ms": 60_000}))
-    gen = await running(server)
-    # The peer now reads nothing and so answers no ping: to the server it is
-    # a half-open connection.
-    event = await ended(gen)
-    assert (event.name, event.detail, event.tokens) == ("cancelled", "ping_timeout", 0)
-    messages, others = await peer.read_to_the_end()
+    async with await RawPeer.connect(server) as peer:
+        await peer.send(chat(simulate={"ttft_ms": 60_000}))
+        gen = await running(server)
+        # The peer now reads nothing and so answers no ping: to the server it
+        # is a half-open connection.
+        event = await ended(gen)
+        assert (event.name, event.detail, event.tokens) == ("cancelled", "ping_timeout", 0)
+        messages, others = await peer.read_to_the_end()
+    # No token, no close frame, and no "cancelled" message either: the route
+    # writes nothing more to a connection the watchdog dropped (it would race
+    # the socket's closing).
     assert messages == []
     assert any(isinstance(e, Ping) for e in others)  # the pings it ignored
     assert not any(isinstance(e, CloseConnection) for e in others)  # just dropped
@@ -110,10 +131,9 @@ async def test_dead_peer_is_dropped_and_its_generation_cancelled(start_server):
 async def test_idle_peer_that_answers_pings_is_kept(start_server):
     """Pongs are all it takes: a quiet peer that answers is alive."""
     server = await start_server(ws_ping_interval=0.02, ws_ping_timeout=2.0)
-    peer = await RawPeer.connect(server)
     pings, messages = 0, []
 
-    async def serve_pings_until(done) -> None:
+    async def serve_pings_until(peer: RawPeer, done) -> None:
         nonlocal pings
         while not done():
             for event in await peer.read():
@@ -125,9 +145,10 @@ async def test_idle_peer_that_answers_pings_is_kept(start_server):
                     messages.append(json.loads(event.data))
 
     with trio.fail_after(30):
-        await serve_pings_until(lambda: pings >= 5)  # many ping timeouts long
-        await peer.send(chat())
-        await serve_pings_until(lambda: messages and messages[-1]["type"] != "token")
+        async with await RawPeer.connect(server) as peer:
+            await serve_pings_until(peer, lambda: pings >= 5)  # many ping timeouts long
+            await peer.send(chat())
+            await serve_pings_until(peer, lambda: messages and messages[-1]["type"] != "token")
     assert messages[-1]["type"] == "done"
 
 
@@ -135,35 +156,35 @@ async def test_idle_peer_that_answers_pings_is_kept(start_server):
 async def test_client_that_stops_reading_pauses_the_model(server, nursery):
     """trio-websocket with a small socket buffer, not calling get_message."""
     host, port = server.url.removeprefix("http://").split(":")
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect((host, int(port)))
-    ws = await wrap_client_stream(nursery, trio.SocketStream(sock), host, PATH)
     tokens = 50_000
-    await ws.send_message(chat(simulate={"ttft_ms": 0, "itl_ms": 0, "tokens": tokens}))
-    gen = await running(server)
-    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # everyone is stuck
-    paused_at = gen.completion_tokens
-    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-    assert gen.completion_tokens == paused_at < tokens  # the model waits for the socket
-    assert gen.trace.names() == ["accepted", "first_token"]  # paused, not ended
-    content, done = await finish_turn(ws)  # read again: it carries on
+    with trio.fail_after(30), trio.socket.socket() as sock:  # closed on the way out
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        ws = await wrap_client_stream(nursery, trio.SocketStream(sock), host, PATH)
+        await ws.send_message(chat(simulate={"ttft_ms": 0, "itl_ms": 0, "tokens": tokens}))
+        gen = await running(server)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # everyone is stuck
+        paused_at = gen.completion_tokens
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert gen.completion_tokens == paused_at < tokens  # the model waits for the socket
+        assert gen.trace.names() == ["accepted", "first_token"]  # paused, not ended
+        content, done = await finish_turn(ws)  # read again: it carries on
+        await ws.aclose()
     assert done["usage"]["completion_tokens"] == tokens == count_tokens(content)
     assert gen.trace.names()[-1] == "done"
-    await ws.aclose()
 
 
 async def test_stalled_client_is_dropped_and_memory_stays_flat(start_server):
     server = await start_server(stall_timeout=0.3, ws_ping_interval=None)
-    peer = await RawPeer.connect(server, rcvbuf=4096)
-    await peer.send(chat(simulate=BIG))
-    gen = await running(server)
-    event = await ended(gen)  # the peer never reads
-    assert (event.name, event.detail) == ("cancelled", "stall_timeout")
-    made = gen.completion_tokens
-    assert made < BIG["tokens"]
-    # Now read what the server managed to send before it gave up.
-    messages, _others = await peer.read_to_the_end()
+    async with await RawPeer.connect(server, rcvbuf=4096) as peer:
+        await peer.send(chat(simulate=BIG))
+        gen = await running(server)
+        event = await ended(gen)  # the peer never reads
+        assert (event.name, event.detail) == ("cancelled", "stall_timeout")
+        made = gen.completion_tokens
+        assert made < BIG["tokens"]
+        # Now read what the server managed to send before it gave up.
+        messages, _others = await peer.read_to_the_end()
     received = count_tokens("".join(m["content"] for m in messages))
     assert {m["type"] for m in messages} == {"token"}
     # Everything the model made went into the socket, except at most the one
@@ -176,7 +197,9 @@ async def test_stalled_client_is_dropped_and_memory_stays_flat(start_server):
 
 async def test_stalled_real_client_is_dropped(start_server):
     server = await start_server(stall_timeout=0.3, ws_ping_interval=None)
-    async with open_chat(server) as ws:
+    # If the server never drops us, the close handshake cannot get through
+    # the stuck write either: give up on it soon and close the socket.
+    async with open_websocket_url(ws_url(server), disconnect_timeout=5) as ws:
         await ws.send_message(chat(simulate=BIG))
         gen = await running(server)
         event = await ended(gen)  # we never call get_message

@@ -16,7 +16,7 @@ keeping a heartbeating one.
 **When.**  SSE: after ``--heartbeat`` seconds (default 15) with nothing sent,
 whatever the reason: before the first token, between tokens, while queued.
 The writer asks the engine for the next token with that silence as its
-timeout, and ``Generation.wait`` answers :data:`~refimpl.engine.SILENT` when
+timeout, and ``Generation.pull`` answers :data:`~refimpl.engine.SILENT` when
 it passes (one cancel scope per wait serves the heartbeat, the client's
 cancel and ``--generation-timeout`` together, so a heartbeat costs no timer
 of its own).  WebSocket: a ping every ``--ws-ping-interval`` seconds, busy or
@@ -48,8 +48,11 @@ not, because its ping does a second job (below).
   WebSocket pings, are answered by the peer's library.
 
 Both kinds are written in each generation's trace as ``heartbeat`` events and
-counted in ``refimpl_heartbeats_total``, so lesson 08 plots pings between
-tokens.
+counted in ``refimpl_heartbeats_total`` (a WebSocket ping only while a
+generation runs on that socket), so lesson 08 plots pings between tokens.
+The next WebSocket ping is due ``interval`` seconds after the peer last
+answered, not after the last ping: a slow pong delays the schedule, it
+never shortens the time a peer has to answer.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ SSE_PING = comment("ping") + b"\n"
 
 
 def sse_heartbeat(gen: Generation) -> bytes:
-    """What the SSE writer sends when ``wait()`` said ``SILENT``."""
+    """What the SSE writer sends when ``pull()`` said ``SILENT``."""
     gen.heartbeat()
     return SSE_PING
 

@@ -140,7 +140,8 @@ class ChatSocket:
             # The turn is over (the trace says so) before the client can hear
             # it, so a chat sent the moment it does is not "in progress".
             self.gen = None
-            await self.ws.send(last)
+            if self.watchdog.dropped is None:  # a dropped peer hears nothing more
+                await self.ws.send(last)
         finally:
             if self.gen is gen:
                 self.gen = None

@@ -1,0 +1,111 @@
+"""The patches refimpl makes to hypercorn, and the checks that keep them honest.
+
+``refimpl/hypercorn_patches.py`` replaces two hypercorn classes process-wide
+(the write fast path, the WebSocket watchdog).  Overriding methods a library
+does not promise to keep is safe only while the code under the overrides is
+the code they were written against, so:
+
+* :func:`test_hypercorn_is_what_the_patches_were_written_for` compares the
+  installed hypercorn's method fingerprints with ``WRITTEN_FOR``: it is *the*
+  test that fails when hypercorn changes, and its message says what to re-read;
+* ``install()`` refuses to run when hypercorn no longer creates the classes it
+  swaps, warns (and still installs) when a fingerprint differs, and is
+  idempotent and reversible.
+
+Every test that installs puts hypercorn's module attributes back afterwards
+(``monkeypatch``), so no other test sees a state it did not ask for.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import hypercorn.protocol.h11 as hypercorn_h11
+import hypercorn.trio.run as hypercorn_run
+import pytest
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
+
+from refimpl import hypercorn_patches
+from refimpl.hypercorn_patches import WRITTEN_FOR, FastTCPServer, WatchedWSStream
+
+
+@pytest.fixture(autouse=True)
+def restore_hypercorn(monkeypatch):
+    """Whatever a test installs, hypercorn's classes are put back after it."""
+    monkeypatch.setattr(hypercorn_run, "TCPServer", hypercorn_run.TCPServer)
+    monkeypatch.setattr(hypercorn_h11, "WSStream", hypercorn_h11.WSStream)
+
+
+def test_hypercorn_is_what_the_patches_were_written_for():
+    found = hypercorn_patches.fingerprints()
+    changed = [name for name in WRITTEN_FOR if found.get(name) != WRITTEN_FOR[name]]
+    files = {"TCPServer": inspect.getsourcefile(TCPServer), "WSStream": inspect.getsourcefile(WSStream)}
+    reread = [f"{name} ({files[name.partition('.')[0]]})" for name in changed if name != "version"]
+    assert found == WRITTEN_FOR, (
+        f"hypercorn changed under refimpl/hypercorn_patches.py (installed {found['version']}, "
+        f"written for {WRITTEN_FOR['version']}; changed: {', '.join(changed)}).  Re-read "
+        f"{', '.join(reread) or 'the methods in WRITTEN_FOR'} against FastTCPServer.protocol_send "
+        "and WatchedWSStream and the module docstring's argument for why they are safe; fix the "
+        "overrides if it no longer holds, then copy the new values of fingerprints() into WRITTEN_FOR."
+    )
+
+
+def test_fingerprints_are_of_the_stock_classes_not_ours():
+    """After install(), hypercorn's module names point at our subclasses; the
+    fingerprints must still be taken from hypercorn's own code."""
+    hypercorn_patches.install(True)
+    assert hypercorn_run.TCPServer is FastTCPServer and hypercorn_h11.WSStream is WatchedWSStream
+    assert hypercorn_patches.fingerprints() == WRITTEN_FOR
+
+
+class Impostor:
+    """What a future hypercorn might have put where the patched class was."""
+
+
+#: Where hypercorn looks up each class install() swaps: module, attribute.
+SWAPPED = {"TCPServer": (hypercorn_run, "TCPServer"), "WSStream": (hypercorn_h11, "WSStream")}
+
+
+@pytest.mark.parametrize("replaced", SWAPPED)
+def test_install_refuses_when_hypercorn_creates_other_classes(monkeypatch, replaced):
+    monkeypatch.setattr(*SWAPPED[replaced], Impostor)
+    before = {name: getattr(*where) for name, where in SWAPPED.items()}
+    with pytest.raises(RuntimeError, match="no longer creates the classes refimpl patches"):
+        hypercorn_patches.install(True)
+    # Nothing half-installed: neither name was touched.
+    assert {name: getattr(*where) for name, where in SWAPPED.items()} == before
+
+
+def test_install_warns_when_hypercorn_changed_and_still_installs(monkeypatch, caplog):
+    changed = {**WRITTEN_FOR, "version": "0.19.0", "WSStream.handle": "0" * 16}
+    monkeypatch.setattr(hypercorn_patches, "fingerprints", lambda: changed)
+    with caplog.at_level(logging.WARNING, logger="refimpl"):
+        assert hypercorn_patches.install(True)
+    [record] = [r for r in caplog.records if r.name == "refimpl"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"refimpl's hypercorn patches were written for hypercorn {WRITTEN_FOR['version']}; this is 0.19.0, "
+        "and the source of WSStream.handle changed: re-read hypercorn_patches.py against it"
+    )
+    assert hypercorn_run.TCPServer is FastTCPServer and hypercorn_h11.WSStream is WatchedWSStream
+
+
+def test_install_is_silent_when_hypercorn_is_unchanged(caplog):
+    with caplog.at_level(logging.WARNING, logger="refimpl"):
+        hypercorn_patches.install(True)
+    assert [r for r in caplog.records if r.name == "refimpl"] == []
+
+
+def test_install_is_explicit_idempotent_and_reversible(monkeypatch):
+    assert hypercorn_patches.install(True) and hypercorn_patches.install(True)
+    assert hypercorn_run.TCPServer is FastTCPServer and hypercorn_h11.WSStream is WatchedWSStream
+    assert not hypercorn_patches.install(False) and hypercorn_run.TCPServer is TCPServer
+    # Without the fast path the watchdog stays: a route that puts no Watchdog
+    # in its scope gets stock behaviour from it.
+    assert hypercorn_h11.WSStream is WatchedWSStream
+    monkeypatch.setenv("REFIMPL_FASTWRITE", "0")
+    assert not hypercorn_patches.install() and hypercorn_run.TCPServer is TCPServer
+    monkeypatch.setenv("REFIMPL_FASTWRITE", "1")
+    assert hypercorn_patches.install() and hypercorn_run.TCPServer is FastTCPServer
