@@ -255,6 +255,14 @@ class Generation:
         if self._scope is not None:
             self._scope.cancel()
 
+    def fail(self, bug: Exception) -> ModelError:
+        """A writer's own bug mid-stream: logged with its traceback and
+        recorded as ``error(internal_error)``, like a bug in a backend; the
+        returned error is what the writer tells its client (lesson 07)."""
+        err = errors.from_bug(bug, self.id)
+        self._end("error", err.code)
+        return err
+
     def heartbeat(self) -> None:
         self.trace.record("heartbeat", self.completion_tokens)
         self._engine.metrics.heartbeats.inc()

@@ -90,21 +90,30 @@ async def record(
             ) as resp:
                 rec.status, rec.headers = resp.status_code, dict(resp.headers)
                 rec.id = resp.headers.get("x-request-id", "")
-                if resp.status_code != 200:
-                    rec.ending, rec.error = "refused", json.loads(await resp.aread()).get("error")
-                    return rec
-                async for raw in resp.aiter_bytes():  # decoded: a proxy's gzip undone
-                    *lines, carry = (carry + raw).split(b"\n")
-                    for _ in (line for line in lines if line.startswith(b":")):
-                        stamp("ping")
-                    for event in parser.feed(raw):
-                        _arrived(rec, event, stamp)
-                    reads += 1
+                if resp.status_code != 200:  # ours (JSON), or a proxy's page (HTML)
+                    rec.ending, rec.error = "refused", _error_of(await resp.aread())
+                else:
+                    async for raw in resp.aiter_bytes():  # decoded: a proxy's gzip undone
+                        *lines, carry = (carry + raw).split(b"\n")
+                        for _ in (line for line in lines if line.startswith(b":")):
+                            stamp("ping")
+                        for event in parser.feed(raw):
+                            _arrived(rec, event, stamp)
+                        reads += 1
         except httpx.HTTPError as err:  # cut by a proxy, or a read timeout
             rec.ending, rec.error = "cut", {"message": f"{type(err).__name__}: {err}"}
     rec.ending = rec.ending or "cut"
     rec.ended = trio.current_time() - start
     return rec
+
+
+def _error_of(body: bytes) -> dict[str, Any]:
+    """The OpenAI error object of a refusal, or the start of whatever else
+    the body is (a proxy's HTML 502 page)."""
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return {"message": body[:200].decode("utf-8", "replace")}
 
 
 def _arrived(rec: Recording, event: Any, stamp: Any) -> None:

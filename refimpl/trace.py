@@ -24,9 +24,9 @@ The event names are part of the public interface (DESIGN §2, "Trace"):
                   (``patterns/errors.py``, lesson 07)
 ``cancelled``     it was stopped early; ``detail`` is the reason:
                   ``client_disconnect``, ``client_cancel``, ``shutdown``,
-                  ``internal_error`` (a bug of ours mid-stream), and on the
-                  WebSocket ``protocol_error``, ``ping_timeout``,
-                  ``stall_timeout``, ``message_too_big``
+                  and on the WebSocket ``protocol_error``,
+                  ``internal_error`` (a bug in its reader: close 1011),
+                  ``ping_timeout``, ``stall_timeout``, ``message_too_big``
 ``done``          it finished normally; ``detail`` is the finish_reason
 
 Tests, lessons, notebooks and the demo page read traces through

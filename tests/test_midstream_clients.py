@@ -26,6 +26,7 @@ import httpx
 import openai
 import pytest
 import trio
+from test_lifecycle import metric
 
 from refimpl.client import StreamError, stream_chat
 from refimpl.examples import midstream_clients as clients
@@ -62,8 +63,7 @@ async def sent_before_failure(server, client: httpx.AsyncClient, simulate: dict 
 
 async def generations(client: httpx.AsyncClient, server) -> int:
     """How many generations the server has started (each request is one)."""
-    metrics = (await client.get(f"{server.url}/metrics")).text
-    return int(float(re.search(r"^refimpl_generations_total (\S+)$", metrics, re.M)[1]))
+    return int(metric((await client.get(f"{server.url}/metrics")).text, "refimpl_generations_total"))
 
 
 def with_openai_async(url: str, simulate: dict) -> clients.Outcome:

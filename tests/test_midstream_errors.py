@@ -23,6 +23,7 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 from conftest import chat_body
 from test_sse_endpoint import read_events
 from test_websocket import finish_turn, open_chat, turn
@@ -170,9 +171,70 @@ async def test_a_bug_in_the_sse_writer_still_ends_with_an_error_event(server, cl
         content_text, error, _events, trace = await sse_failure(server, client, {"itl_ms": 1})
     assert content_text == "".join(t for batch in calls[:2] for t in batch)
     assert error["error"]["code"] == "internal_error" and "framing bug" not in json.dumps(error)
-    assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("cancelled", "internal_error")
+    # Recorded like a bug in a backend: an error, counted in errors_total.
+    assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("error", "internal_error")
     (bug,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert bug.exc_info[0] is ValueError and trace["id"] in bug.getMessage()
+
+
+async def test_a_bug_in_the_websocket_writer_is_an_error_message_and_the_socket_stays(
+    server, monkeypatch, caplog
+):
+    """The WebSocket writer the same way: the turn ends with an error message
+    (not a close 1000 with no word), and the next turn works."""
+    from refimpl.protocols import websocket_chat
+
+    real, calls = websocket_chat.token_message, []
+
+    def token_message(tokens):
+        calls.append(tokens)
+        if len(calls) == 2:
+            raise ValueError("framing bug")
+        return real(tokens)
+
+    monkeypatch.setattr(websocket_chat, "token_message", token_message)
+    with caplog.at_level(logging.INFO, logger="refimpl"):
+        async with open_chat(server) as ws:
+            content, error = await turn(ws, simulate={"itl_ms": 1})
+            assert error["type"] == "error" and error["error"]["code"] == "internal_error"
+            assert "framing bug" not in json.dumps(error)
+            assert content == "".join(calls[0])
+            _, done = await turn(ws)
+            assert done["type"] == "done"
+    trace = await server.trace(error["id"])
+    assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("error", "internal_error")
+    (bug,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert bug.exc_info[0] is ValueError and trace["id"] in bug.getMessage()
+
+
+async def test_a_generation_the_server_cancels_ends_with_an_error_event(server, client):
+    """``Engine.cancel_all`` (what shutdown will call once it drains, issue
+    "Error cases II"): a stream gets an error event naming the reason, and a
+    request that is not streamed a 503 with Retry-After."""
+    body = chat_body(stream=True, simulate={"ttft_ms": 60_000})
+    async with trio.open_nursery() as nursery:
+        results = {}
+
+        async def stream():
+            results["stream"] = await read_events(client, server.url, body)
+
+        async def plain():
+            results["plain"] = await client.post(
+                server.url + URL, json=chat_body(simulate={"ttft_ms": 60_000})
+            )
+
+        nursery.start_soon(stream)
+        nursery.start_soon(plain)
+        with trio.fail_after(10):
+            while len(server.engine.active) < 2:
+                await trio.testing.wait_all_tasks_blocked()
+        server.engine.cancel_all("shutdown")
+    _, events = results["stream"]
+    assert events[-1].type == "error" and json.loads(events[-1].data)["error"]["code"] == "shutdown"
+    assert all(e.data != "[DONE]" for e in events)
+    resp = results["plain"]
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutdown"
+    assert resp.headers["retry-after"] == "1"
 
 
 async def test_an_unknown_fail_with_is_a_400_naming_the_choices(server, client):

@@ -8,8 +8,9 @@ which read.  The server runs in this process on the same trio clock, so a
 client-side arrival (``rec.started + arrival.at``) and a stamp in the
 server's trace (``GET /v1/debug/generations/{id}``) can be compared: the
 assertions are about *order* (did the client have a token before the model
-had finished?), never about how many seconds something took.  Independent cases run concurrently, so the file waits on real time
-for about one 5 s silence, once.
+had finished?), never about how many seconds something took.  Independent
+cases run concurrently, so the file waits on real time for about one 5 s
+silence, once.
 
 What was measured (nginx 1.22.1, ``proxy_read_timeout 2s``), and is asserted
 below:
@@ -53,6 +54,7 @@ from refimpl.examples.nginx_proxy import (
     NginxNotFound,
     NginxProxy,
     find_nginx,
+    free_loopback_port,
     nginx_in_front,
     render_config,
 )
@@ -216,6 +218,33 @@ async def test_our_client_raises_incomplete_when_nginx_cuts_the_stream(start_ser
     assert cut.value.error == {"message": f"the stream ended without [DONE]: {CLOSED}", "code": "incomplete"}
     assert isinstance(cut.value.__cause__, httpx.RemoteProtocolError)
     assert [bool(e.content) for e in seen] == [False, True]  # the role chunk, one token
+
+
+async def test_the_naive_reader_gets_a_transport_error_not_an_answer(start_server, nginx):
+    """nginx's cut leaves the chunked body unfinished, so even the naive
+    reader of lesson 07 (which never looks for ``[DONE]``) gets an exception:
+    httpx's, not the server's.  Only a body that ends cleanly without
+    ``[DONE]`` would pass for a finished answer (tests/js, the seed reader)."""
+    from refimpl.examples.midstream_clients import naive_stream
+
+    server = await start_server(heartbeat=60)
+    async with nginx_in_front(server.url, read_timeout=READ_TIMEOUT) as url:
+        tokens: list[str] = []
+        body = chat_body(stream=True, simulate=PAUSE_5S)
+        with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+            await trio.to_thread.run_sync(naive_stream, url, body, tokens.append)
+    # lesson 01's line splitter hands lines over only once the body has
+    # ended, so the cut comes before even the token sent before the silence.
+    assert tokens == []
+
+
+async def test_a_proxy_error_page_is_recorded_not_raised(nginx):
+    """``figures.record`` never raises for what a proxy does: nginx's HTML 502
+    for an upstream that is not there is a refusal with the page's start."""
+    async with nginx_in_front(f"http://127.0.0.1:{free_loopback_port()}") as url:
+        rec = await record(url, chat_body())
+    assert (rec.status, rec.ending) == (502, "refused")
+    assert "502 Bad Gateway" in rec.error["message"] and rec.ended > 0
 
 
 # ---------------------------------------------------------------------------

@@ -152,12 +152,13 @@ class NginxProxy:
             for _ in range(START_ATTEMPTS if self.port is None else 1):
                 port = self.port or free_loopback_port()
                 (self._prefix / "nginx.conf").write_text(self.config(port))
+                logged = len(self.read_errors())  # judge this attempt's lines only
                 self._launch(nginx)
                 if self._wait_ready(port):
                     self.url = f"http://127.0.0.1:{port}"
                     return self.url
                 self._end_process()  # (it has normally exited already)
-                if "Address already in use" not in self.read_errors():
+                if "Address already in use" not in self.read_errors()[logged:]:
                     break  # a real error, not a lost race for the port
             raise RuntimeError(f"nginx did not start:\n{self.read_errors()}")
         except BaseException:
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         honour_accel_buffering=not args.ignore_accel_buffering,
     )
     if args.print_config:
-        print(proxy.config(args.port), end="")
+        print(proxy.config(args.port or free_loopback_port()), end="")
         return
     # Ctrl-C and `kill` both raise KeyboardInterrupt here, so the `with`
     # stops nginx (in its own session, it gets neither signal) and removes

@@ -14,7 +14,7 @@ a heartbeat.  Lesson 08 shows a real nginx cutting a silent stream and
 keeping a heartbeating one.
 
 **When.**  SSE: after ``--heartbeat`` seconds (default 15) with nothing sent,
-whatever the reason: before the first token, between tokens, while queued.
+whatever the reason: before the first token, or between tokens.
 The writer asks the engine for the next token with that silence as its
 timeout, and ``Generation.pull`` answers :data:`~refimpl.engine.SILENT` when
 it passes (one cancel scope per wait serves the heartbeat, the client's
@@ -42,8 +42,8 @@ not, because its ping does a second job (below).
   half-open connection (a laptop lid closed, Wi-Fi lost, no FIN ever sent)
   looks exactly like a quiet one, and only an unanswered ping tells them
   apart (:func:`keep_websocket_alive`).  SSE has no way back from the client,
-  so a dead SSE reader is found only when writes stop draining
-  (``--stall-timeout``, lesson 10) or TCP gives up.
+  so a dead SSE reader is found only when TCP gives up on the writes it
+  cannot deliver (an SSE stall timeout is lesson 10's work).
 * **gRPC** (its own issue): HTTP/2 PING frames (RFC 9113 §6.7), which, like
   WebSocket pings, are answered by the peer's library.
 

@@ -117,11 +117,10 @@ async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) ->
         yield framer.end()
     except ModelError as err:  # lesson 07: an error event, then end, no [DONE]
         yield errors.sse_error_event(err)
-    except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
+    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
         yield errors.sse_error_event(errors.cancelled_error(cancel.reason))
     except Exception as bug:  # a bug of ours: an error event, not a cut body
-        gen.cancel("internal_error")
-        yield errors.sse_error_event(errors.from_bug(bug, gen.id))
+        yield errors.sse_error_event(gen.fail(bug))
     finally:
         if not gen.finished:  # we are leaving early: the client went away
             gen.cancel("client_disconnect")
@@ -163,7 +162,7 @@ async def complete(gen: Generation, headers: dict[str, str], config: Config) -> 
             parts += step
     except ModelError as err:  # the status line is still ours: say it there
         raise errors.failure_status(err, config.retry_after, headers) from None
-    except GenerationCancelled as cancel:  # cancelled by the server (shutdown)
+    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
         raise errors.failure_status(
             errors.cancelled_error(cancel.reason), config.retry_after, headers
         ) from None

@@ -29,11 +29,12 @@ a client cannot see or cancel; a client that wants a new answer sends
 ``cancel`` first (or opens a second socket).
 
 Every way a turn can end is written down in the trace: ``done``;
-``error(code)`` when the model fails (the socket stays usable);
+``error(code)`` when the model fails, or when the writer itself has a bug
+(``internal_error``, logged with its traceback; the socket stays usable);
 ``cancelled(client_cancel)`` for a cancel message; and when the connection
 goes away mid-generation, ``cancelled(client_disconnect)`` (the client closed
 it), ``cancelled(protocol_error)`` (we closed it: 1003 for a binary frame),
-``cancelled(internal_error)`` (a bug of ours: 1011, logged), or the
+``cancelled(internal_error)`` (a bug in the reader: 1011, logged), or the
 watchdog's ``ping_timeout`` / ``stall_timeout`` / ``message_too_big``
 (the watchdog in ``hypercorn_patches.py``: keepalive pings, dead peers,
 stalled readers and the size limit are handled below ASGI, where the frames
@@ -135,8 +136,10 @@ class ChatSocket:
                 last = done_message(gen)
             except ModelError as err:  # lesson 07: an error message, the socket stays
                 last = errors.ws_error_message(err, gen.id)
-            except GenerationCancelled as cancel:  # a cancel message, or shutdown
+            except GenerationCancelled as cancel:  # a cancel message, or the server's
                 last = cancelled_message(gen, cancel.reason)
+            except Exception as bug:  # a bug of ours: an error message, not a cut turn
+                last = errors.ws_error_message(gen.fail(bug), gen.id)
             # The turn is over (the trace says so) before the client can hear
             # it, so a chat sent the moment it does is not "in progress".
             self.gen = None
