@@ -220,6 +220,35 @@ async def test_our_client_raises_incomplete_when_nginx_cuts_the_stream(start_ser
     assert [bool(e.content) for e in seen] == [False, True]  # the role chunk, one token
 
 
+async def test_curl_through_nginx_exits_18_then_0_with_heartbeats(start_server, nginx):
+    """Lesson 08's "try it": the same curl command, cut (exit 18: partial
+    transfer) without heartbeats, complete (exit 0) with a 1 s heartbeat."""
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None and not os.environ.get("CI"):
+        pytest.skip("needs curl (.ci/run installs it)")
+
+    def run_curl(url: str) -> subprocess.CompletedProcess:
+        body = json.dumps(chat_body(stream=True, simulate={"ttft_ms": 5000}))
+        return subprocess.run(
+            ["curl", "-sN", f"{url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", body],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    async def through(heartbeat: float) -> subprocess.CompletedProcess:
+        server = await start_server(heartbeat=heartbeat)
+        async with nginx_in_front(server.url, read_timeout=READ_TIMEOUT) as url:
+            return await trio.to_thread.run_sync(run_curl, url)
+
+    cases = await concurrently(quiet=lambda: through(60), beating=lambda: through(1))
+    assert cases["quiet"].returncode == 18 and "[DONE]" not in cases["quiet"].stdout
+    assert cases["beating"].returncode == 0 and cases["beating"].stdout.endswith("data: [DONE]\n\n")
+    assert ": ping\n\n" in cases["beating"].stdout
+
+
 async def test_the_naive_reader_gets_a_transport_error_not_an_answer(start_server, nginx):
     """nginx's cut leaves the chunked body unfinished, so even the naive
     reader of lesson 07 (which never looks for ``[DONE]``) gets an exception:
