@@ -38,6 +38,7 @@ from .engine import Engine
 from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
+from .patterns.shutdown import Shutdown
 from .protocols import sse_chat, websocket_chat
 from .protocols.http_json import json_response
 
@@ -57,9 +58,11 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         retry_after=config.retry_after,
     )
     app.extensions["refimpl.engine"] = engine
+    shutdown = Shutdown(engine, config.drain_timeout)
+    app.extensions["refimpl.shutdown"] = shutdown
 
     sse_chat.register(app, engine)
-    websocket_chat.register(app, engine)
+    websocket_chat.register(app, engine, shutdown)
 
     @app.get("/")
     async def index() -> Response:
@@ -98,6 +101,8 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
     @app.after_serving
     async def stop_generations() -> None:
+        # Normally the drain (patterns/shutdown.py) has ended everything by
+        # now; this catches a server stopped without a shutdown trigger.
         engine.accepting = False
         engine.cancel_all("shutdown")
 
@@ -147,13 +152,21 @@ async def serve(
 
     Installs refimpl's changes to hypercorn first (``hypercorn_patches.py``:
     the write fast path unless ``REFIMPL_FASTWRITE=0`` is set in the
-    environment, and the WebSocket watchdog).
+    environment, and the WebSocket watchdog).  When ``shutdown_trigger``
+    returns, the running generations are drained (``patterns/shutdown.py``)
+    before hypercorn begins its own shutdown.
     """
     hypercorn_patches.install()
+    trigger = None
+    if shutdown_trigger is not None:
+
+        async def trigger() -> None:  # hypercorn stops when this returns
+            await shutdown_trigger()
+            await app.extensions["refimpl.shutdown"].drain()
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(
-            app, hypercorn_config(host, port), shutdown_trigger=shutdown_trigger, task_status=task_status
+            app, hypercorn_config(host, port), shutdown_trigger=trigger, task_status=task_status
         )
 
     async with trio.open_nursery() as nursery:

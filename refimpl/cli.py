@@ -39,6 +39,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="fail a generation still running after this many seconds with code 'timeout' (0: never)",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="on Ctrl-C/SIGTERM, seconds running generations may take to finish before they are ended",
+    )
+    p.add_argument(
         "--retry-after",
         type=float,
         default=d.retry_after,
@@ -105,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_active=args.max_active,
         generation_timeout=args.generation_timeout or None,
         retry_after=args.retry_after,
+        drain_timeout=args.drain_timeout,
         batch_tokens=args.batch_tokens,
         stall_timeout=args.stall_timeout or None,
         ws_ping_interval=args.ws_ping_interval or None,
@@ -122,25 +129,39 @@ async def run_server(config: Config) -> None:
     logging.getLogger("refimpl").addHandler(handler)
     logging.getLogger("refimpl").setLevel(logging.INFO)
 
-    async def until_signal() -> None:
+    # The first SIGINT/SIGTERM starts the drain (patterns/shutdown.py); a
+    # second one stops at once.
+    stop = trio.Event()
+
+    async def watch_signals(outer: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
-                return
+                if stop.is_set():
+                    logging.getLogger("refimpl").warning("second signal: stopping now")
+                    outer.cancel_scope.cancel()
+                stop.set()
 
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(
-            partial(serve, create_app(config), config.host, config.port, shutdown_trigger=until_signal)
-        )
-        print(f"refimpl is streaming on {url}  (Ctrl-C to stop)")
-        print(f"  demo page : {url}/")
-        print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
-        print(
-            f'              -d \'{{"model":"{config.model_name}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
-        )
-        me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"  # noqa: ASYNC240
-        print(f'  python    : {me} chat "Why stream tokens?" --url {url}')
-        print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
-        print(f"  metrics   : {url}/metrics", flush=True)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch_signals, outer)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                partial(serve, create_app(config), config.host, config.port, shutdown_trigger=stop.wait)
+            )
+            _print_welcome(config, url)
+        outer.cancel_scope.cancel()  # the server has stopped: stop listening for signals
+
+
+def _print_welcome(config: Config, url: str) -> None:
+    print(f"refimpl is streaming on {url}  (Ctrl-C to stop)")
+    print(f"  demo page : {url}/")
+    print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
+    print(
+        f'              -d \'{{"model":"{config.model_name}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
+    )
+    me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"
+    print(f'  python    : {me} chat "Why stream tokens?" --url {url}')
+    print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
+    print(f"  metrics   : {url}/metrics", flush=True)
 
 
 async def run_chat(args: argparse.Namespace) -> int:

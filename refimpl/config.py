@@ -29,6 +29,10 @@ class Config:
     # Seconds a client should wait before retrying a 503 (overloaded,
     # shutting down): sent as Retry-After and retry-after-ms (lesson 07).
     retry_after: float = 1.0
+    # Graceful shutdown (patterns/shutdown.py): seconds the running
+    # generations may take to finish before they are ended with
+    # server_shutdown (SSE) / close 1001 (WebSocket).
+    drain_timeout: float = 10.0
     # Admission control: more concurrent generations than this get HTTP 429.
     max_active: int = 1024
     # Largest request body accepted, in bytes (HTTP 413 above it).

@@ -306,13 +306,18 @@ class Engine:
         self.retry_after = retry_after  # what 429 and 503 tell clients to wait
         self.accepting = True
         self.active: dict[str, Generation] = {}
+        self._idle = trio.Event()  # set whenever no generation is running
+        self._idle.set()
         self._recent: OrderedDict[str, Generation] = OrderedDict()
         self._keep = keep_finished
 
     def start(self, request: ModelRequest, protocol: str) -> Generation:
         if not self.accepting:
             raise APIError(
-                503, "The server is shutting down.", code="shutting_down", retry_after=self.retry_after
+                503,
+                "The server is shutting down; try again (elsewhere).",
+                code="server_shutting_down",
+                retry_after=self.retry_after,
             )
         if len(self.active) >= self.max_active:
             raise APIError(
@@ -323,12 +328,18 @@ class Engine:
             )
         gen = Generation(self, request, protocol)
         self.active[gen.id] = gen
+        if self._idle.is_set():
+            self._idle = trio.Event()
         self.metrics.generations.inc()
         self.metrics.active.inc()
         return gen
 
     def get(self, gen_id: str) -> Generation | None:
         return self.active.get(gen_id) or self._recent.get(gen_id)
+
+    async def wait_idle(self) -> None:
+        """Return once no generation is running (graceful shutdown's drain)."""
+        await self._idle.wait()
 
     def cancel_all(self, reason: str) -> None:
         for gen in list(self.active.values()):
@@ -337,6 +348,8 @@ class Engine:
     def _finished(self, gen: Generation, name: str, detail: str | None) -> None:
         if self.active.pop(gen.id, None) is None:
             return
+        if not self.active:
+            self._idle.set()
         self.metrics.active.dec()
         if name == "cancelled":
             self.metrics.cancellations.labels(reason=detail).inc()

@@ -230,10 +230,10 @@ async def test_a_generation_the_server_cancels_ends_with_an_error_event(server, 
                 await trio.testing.wait_all_tasks_blocked()
         server.engine.cancel_all("shutdown")
     _, events = results["stream"]
-    assert events[-1].type == "error" and json.loads(events[-1].data)["error"]["code"] == "shutdown"
+    assert events[-1].type == "error" and json.loads(events[-1].data)["error"]["code"] == "server_shutdown"
     assert all(e.data != "[DONE]" for e in events)
     resp = results["plain"]
-    assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutdown"
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "server_shutdown"
     assert resp.headers["retry-after"] == "1"
 
 

@@ -88,7 +88,7 @@ FAILURES: dict[str, tuple[int, bool]] = {
     "internal_error": (500, False),
     "model_error": (500, False),
     "content_filter": (400, False),
-    "shutdown": (503, True),  # a cancel by the server, not a model failure
+    "server_shutdown": (503, True),  # the server ended it (shutdown.py), not the model
 }
 # endregion: failure-table
 
@@ -177,8 +177,11 @@ def ws_error_message(err: ModelError | APIError, gen_id: str | None = None) -> s
 
 
 def cancelled_error(reason: str) -> ModelError:
-    """A generation the *server* cancelled (shutdown) while a client still
-    reads: to that client it is a failure like any other."""
+    """A generation the *server* cancelled (at shutdown, ``shutdown.py``)
+    while a client still reads: to that client it is a failure like any
+    other, with a code that says whose doing it was."""
+    if reason == "shutdown":
+        return ModelError("server_shutdown", "The server is shutting down; the generation was stopped.")
     return ModelError(reason, f"The generation was cancelled ({reason}).")
 
 

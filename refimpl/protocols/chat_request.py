@@ -25,7 +25,7 @@ from ..patterns.errors import FAILURES, APIError
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 # What the simulated model can fail with: each error code of the failure
 # table, or "crash" for a plain exception (a bug; lesson 07).
-FAIL_WITH = frozenset(FAILURES) - {"shutdown"} | {"crash"}
+FAIL_WITH = frozenset(FAILURES) - {"server_shutdown"} | {"crash"}
 
 
 @dataclass(frozen=True, slots=True)

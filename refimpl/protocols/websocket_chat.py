@@ -58,6 +58,7 @@ from ..config import Config
 from ..engine import FINISHED, Engine, Generation, GenerationCancelled
 from ..patterns import errors
 from ..patterns.errors import APIError
+from ..patterns.shutdown import Shutdown
 from .ws_messages import (
     Cancel,
     ProtocolViolation,
@@ -84,19 +85,31 @@ class ChatSocket:
         self.watchdog = watchdog
         self.gen: Generation | None = None  # the running generation, if any
         self.closing: str | None = None  # why *we* are closing the socket
+        self.close_with: tuple[int, str] | None = None  # the close code and reason
+        self.nursery: trio.Nursery | None = None
 
     # region: ws-session
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            if self.closing == "shutdown":  # the drain came before we started
+                nursery.cancel_scope.cancel()
             try:
                 violation = await self.read_messages()  # returns only on a violation
-                self.closing, code, reason = "protocol_error", violation.code, violation.reason
+                self.closing, self.close_with = "protocol_error", (violation.code, violation.reason)
             except Exception:  # a bug of ours: say so (1011), not with a silent 1000
                 log.exception("unexpected error in %s", PATH)
-                self.closing, code, reason = "internal_error", CloseReason.INTERNAL_ERROR, "internal error"
+                self.closing = "internal_error"
+                self.close_with = (CloseReason.INTERNAL_ERROR, "internal error")
             nursery.cancel_scope.cancel()  # stop the writer before we close
-        await self.ws.close(code, reason)
+        await self.ws.close(*self.close_with)
+
+    def going_away(self) -> None:
+        """Server shutdown (``patterns/shutdown.py``): stop the turn, if any,
+        and close with 1001, "going away" (RFC 6455 §7.4.1)."""
+        self.closing, self.close_with = "shutdown", (CloseReason.GOING_AWAY, "server shutting down")
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     async def read_messages(self) -> ProtocolViolation:
         while True:
@@ -154,7 +167,7 @@ class ChatSocket:
     # endregion: ws-stream
 
 
-def register(app: Quart, engine: Engine) -> None:
+def register(app: Quart, engine: Engine, shutdown: Shutdown) -> None:
     config: Config = app.config["REFIMPL"]
 
     @app.websocket(PATH)
@@ -174,4 +187,8 @@ def register(app: Quart, engine: Engine) -> None:
         watchdog.on_ping = lambda: chat.gen.heartbeat() if chat.gen is not None else None
         watchdog.on_drop = lambda reason: chat.gen.cancel(reason) if chat.gen is not None else None
         await ws.accept()
-        await chat.run()
+        shutdown.track(chat, chat.going_away)  # closed with 1001 when the server drains
+        try:
+            await chat.run()
+        finally:
+            shutdown.untrack(chat)
