@@ -54,6 +54,7 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         backend or SimulatedModel(),
         Metrics(),
         max_active=config.max_active,
+        max_queue=config.max_queue,
         generation_timeout=config.generation_timeout,
         retry_after=config.retry_after,
     )

@@ -33,17 +33,19 @@ class Config:
     # generations may take to finish before they are ended with
     # server_shutdown (SSE) / close 1001 (WebSocket).
     drain_timeout: float = 10.0
-    # Admission control: more concurrent generations than this get HTTP 429.
+    # Admission control (lesson 09): generations the model runs at once ...
     max_active: int = 1024
+    # ... and up to this many more wait for a slot, in order, with
+    # heartbeats meanwhile (lesson 09); past both: 429 too_many_requests.
+    max_queue: int = 256
     # Largest request body accepted, in bytes (HTTP 413 above it).
     max_body_bytes: int = 1 << 20
     # Most tokens the writer puts into one write when the model is ahead.
     batch_tokens: int = 64
-    # A WebSocket frame that has waited this many seconds to be written (the
-    # client stopped reading) gets the client dropped and its generation
-    # cancelled (``stall_timeout``; the watchdog in ``hypercorn_patches.py``);
-    # None: never.
-    # SSE streams do not enforce it yet (the backpressure work, lesson 10).
+    # A write that has waited this many seconds (the client stopped reading)
+    # gets the client dropped and its generation cancelled with
+    # ``stall_timeout``: an SSE chunk on HTTP/1.1 or a WebSocket frame (the
+    # watchdog in ``hypercorn_patches.py``); None: never.
     stall_timeout: float | None = 30.0
     # WebSocket keepalive (lesson 03): a ping frame every ``ws_ping_interval``
     # seconds (None: no pings); a peer that sends nothing back within

@@ -48,7 +48,7 @@ from typing import Any
 
 import trio
 
-from .backend import Backend, ModelError, ModelRequest, TokenStream
+from .backend import Backend, ModelError, ModelRequest, TokenStream, count_tokens
 from .metrics import Metrics
 from .patterns import errors
 from .patterns.errors import APIError
@@ -82,6 +82,19 @@ FINISHED, SILENT = Idle.FINISHED, Idle.SILENT
 YIELD_EVERY = 8
 
 
+class _NotStarted:
+    """Stands in for the model's stream until the generation is admitted."""
+
+    completion_tokens = 0
+    finish_reason = None
+
+    def __init__(self, request: ModelRequest) -> None:
+        self.prompt_tokens = count_tokens(request.prompt)
+
+    def poll(self) -> None:  # nothing is ever ready before the model starts
+        return None
+
+
 class Generation:
     def __init__(self, engine: Engine, request: ModelRequest, protocol: str) -> None:
         self.id = "chatcmpl-" + secrets.token_hex(12)
@@ -96,7 +109,10 @@ class Generation:
         # --generation-timeout: past this moment the generation fails with
         # code "timeout", however busy or silent the model is.
         self._deadline = accepted.at + (engine.generation_timeout or math.inf)
-        self._stream: TokenStream = engine.backend.start(request)
+        # The model starts when the engine admits the generation (at once,
+        # or when a slot frees up: lesson 09, "the queue").
+        self._stream: TokenStream = _NotStarted(request)
+        self._admitted = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._cancel_reason: str | None = None
         self._error: ModelError | None = None
@@ -173,6 +189,7 @@ class Generation:
             if self._cancel_reason is not None:
                 self._scope.cancel()
             try:
+                await self._admitted.wait()  # queued: a slot first (heartbeats meanwhile)
                 token = await self._stream.next()
             except Exception as err:
                 self._error = self._failure(err)
@@ -255,6 +272,11 @@ class Generation:
         if self._scope is not None:
             self._scope.cancel()
 
+    def _admit(self) -> None:
+        """The engine gave this generation a slot: start the model."""
+        self._stream = self._engine.backend.start(self.request)
+        self._admitted.set()
+
     def fail(self, bug: Exception) -> ModelError:
         """A writer's own bug mid-stream: logged with its traceback and
         recorded as ``error(internal_error)``, like a bug in a backend; the
@@ -287,7 +309,8 @@ class Generation:
 
 
 class Engine:
-    """Admits generations, tracks the running ones, remembers recent ones."""
+    """Admits generations (at once, or after a bounded queue), tracks the
+    running ones, remembers recent ones."""
 
     def __init__(
         self,
@@ -295,23 +318,28 @@ class Engine:
         metrics: Metrics,
         *,
         max_active: int = 1024,
+        max_queue: int = 0,
         keep_finished: int = 512,
         generation_timeout: float | None = None,
         retry_after: float = 1.0,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
-        self.max_active = max_active
+        self.max_active = max_active  # generations the model runs at once
+        self.max_queue = max_queue  # more may wait for a slot, in order
         self.generation_timeout = generation_timeout
         self.retry_after = retry_after  # what 429 and 503 tell clients to wait
         self.accepting = True
-        self.active: dict[str, Generation] = {}
-        self._idle = trio.Event()  # set whenever no generation is running
+        self.active: dict[str, Generation] = {}  # running: admitted, not ended
+        self.queued: OrderedDict[str, Generation] = OrderedDict()  # waiting, oldest first
+        self._idle = trio.Event()  # set whenever no generation runs or waits
         self._idle.set()
         self._recent: OrderedDict[str, Generation] = OrderedDict()
         self._keep = keep_finished
 
     def start(self, request: ModelRequest, protocol: str) -> Generation:
+        """A new generation: running at once if a slot is free, else queued
+        (it waits inside its first ``pull()``), else refused with 429."""
         if not self.accepting:
             raise APIError(
                 503,
@@ -319,38 +347,57 @@ class Engine:
                 code="server_shutting_down",
                 retry_after=self.retry_after,
             )
-        if len(self.active) >= self.max_active:
+        free = len(self.active) < self.max_active
+        if not free and len(self.queued) >= self.max_queue:
             raise APIError(
                 429,
-                f"Too many concurrent generations (limit {self.max_active}).",
-                code="too_many_generations",
+                f"Too many requests: {self.max_active} generations running and"
+                f" {len(self.queued)} waiting (limits {self.max_active} and {self.max_queue}).",
+                code="too_many_requests",
                 retry_after=self.retry_after,
             )
         gen = Generation(self, request, protocol)
-        self.active[gen.id] = gen
+        self.metrics.generations.inc()
         if self._idle.is_set():
             self._idle = trio.Event()
-        self.metrics.generations.inc()
-        self.metrics.active.inc()
+        if free:
+            self._run(gen)
+        else:
+            self.queued[gen.id] = gen
+            gen.trace.record("queued", 0)
+            self.metrics.queued.inc()
         return gen
 
+    def _run(self, gen: Generation) -> None:
+        self.active[gen.id] = gen
+        self.metrics.active.inc()
+        gen._admit()
+
     def get(self, gen_id: str) -> Generation | None:
-        return self.active.get(gen_id) or self._recent.get(gen_id)
+        return self.active.get(gen_id) or self.queued.get(gen_id) or self._recent.get(gen_id)
 
     async def wait_idle(self) -> None:
-        """Return once no generation is running (graceful shutdown's drain)."""
+        """Return once no generation runs or waits (graceful shutdown's drain)."""
         await self._idle.wait()
 
     def cancel_all(self, reason: str) -> None:
-        for gen in list(self.active.values()):
+        for gen in [*self.queued.values(), *self.active.values()]:
             gen.cancel(reason)
 
     def _finished(self, gen: Generation, name: str, detail: str | None) -> None:
-        if self.active.pop(gen.id, None) is None:
+        if self.queued.pop(gen.id, None) is not None:  # it never started
+            self.metrics.queued.dec()
+        elif self.active.pop(gen.id, None) is not None:
+            self.metrics.active.dec()
+            while self.queued and len(self.active) < self.max_active:  # a slot is free
+                self.metrics.queued.dec()
+                _, waiting = self.queued.popitem(last=False)
+                waiting.trace.record("admitted", 0)
+                self._run(waiting)
+        else:
             return
-        if not self.active:
+        if not self.active and not self.queued:
             self._idle.set()
-        self.metrics.active.dec()
         if name == "cancelled":
             self.metrics.cancellations.labels(reason=detail).inc()
         elif name == "error":

@@ -11,6 +11,7 @@ own ``CollectorRegistry``, so tests that start several servers in one process
 never share or clash on counters.
 
 Names (public, DESIGN §2): ``refimpl_active_generations``,
+``refimpl_queued_generations``,
 ``refimpl_generations_total``, ``refimpl_tokens_total``,
 ``refimpl_cancellations_total{reason}``, ``refimpl_errors_total{reason}``,
 ``refimpl_heartbeats_total``.
@@ -29,6 +30,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active = Gauge("refimpl_active_generations", "Generations running now.", registry=r)
+        self.queued = Gauge(
+            "refimpl_queued_generations", "Generations waiting for a slot (--max-queue).", registry=r
+        )
         self.generations = Counter("refimpl_generations", "Generations started.", registry=r)
         self.tokens = Counter("refimpl_tokens", "Completion tokens produced.", registry=r)
         self.cancellations = Counter(

@@ -14,6 +14,8 @@ of completion tokens produced at that moment.
 The event names are part of the public interface (DESIGN §2, "Trace"):
 
 ``accepted``      the request passed validation and a generation exists
+``queued`` / ``admitted``   no slot was free, so it waited (``--max-queue``),
+                  then a slot freed and the model started (lesson 09)
 ``first_token``   the model produced its first token (TTFT ends here)
 ``paused`` / ``resumed``   backpressure stopped / restarted the model
                   (reserved for the backpressure policies, lesson 10)

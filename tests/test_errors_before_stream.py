@@ -182,12 +182,13 @@ async def test_error_shape(server, client, method, path, content, headers, statu
 
 
 async def test_too_many_generations_is_429(start_server, client):
-    server = await start_server(max_active=1)
+    server = await start_server(max_active=1, max_queue=0)
     body = chat_body(stream=True, simulate={"ttft_ms": 60_000})
     async with client.stream("POST", server.url + URL, json=body) as first:
         assert first.status_code == 200
         resp = await client.post(server.url + URL, json=chat_body())
         assert resp.status_code == 429
         assert resp.json()["error"]["type"] == "rate_limit_error"
+        assert resp.json()["error"]["code"] == "too_many_requests"
         # When to try again: the SDKs wait this long before their retry.
         assert (resp.headers["retry-after"], resp.headers["retry-after-ms"]) == ("1", "1000")

@@ -235,12 +235,12 @@ async def test_second_chat_while_one_runs_is_an_error(server):
 
 
 async def test_too_many_generations_is_an_error_not_a_close(start_server):
-    server = await start_server(max_active=1)
+    server = await start_server(max_active=1, max_queue=0)
     async with open_chat(server) as first, open_chat(server) as second:
         await first.send_message(chat(simulate=SLOW))
         await receive(first)
         _, error = await turn(second)
-        assert error["error"]["code"] == "too_many_generations"
+        assert error["error"]["code"] == "too_many_requests"
         assert error["error"]["type"] == "rate_limit_error"
         await first.send_message('{"type":"cancel"}')
         await finish_turn(first)
