@@ -153,7 +153,7 @@ async def serve(
 
     Installs refimpl's changes to hypercorn first (``hypercorn_patches.py``:
     the write fast path unless ``REFIMPL_FASTWRITE=0`` is set in the
-    environment, and the WebSocket watchdog).  When ``shutdown_trigger``
+    environment, and the watchdog under SSE and WebSocket streams).  When ``shutdown_trigger``
     returns, the running generations are drained (``patterns/shutdown.py``)
     before hypercorn begins its own shutdown.
     """

@@ -54,7 +54,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--stall-timeout",
         type=float,
         default=d.stall_timeout,
-        help="WebSocket: drop a client when one frame waited this long to be written (0: never)",
+        help="SSE and WebSocket: drop a client when one write waited this long (0: never)",
     )
     p.add_argument(
         "--ws-ping-interval",

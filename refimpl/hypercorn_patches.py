@@ -4,10 +4,10 @@ Strategy
 --------
 refimpl runs on stock hypercorn (its trio worker), and changes two things
 about it that no configuration can: a faster write path for token streams,
-and a watchdog under each WebSocket.  Both are subclasses of hypercorn
-classes that override methods hypercorn does not promise to keep, and both
-must replace hypercorn's own class process-wide, since hypercorn creates
-those objects itself.  Such patches are safe only while the code under them
+and a watchdog under each WebSocket and each SSE response.  Both are
+subclasses of hypercorn classes that override methods hypercorn does not
+promise to keep, and both must replace hypercorn's own classes process-wide,
+since hypercorn creates those objects itself.  Such patches are safe only while the code under them
 is the code they were written against, so:
 
 * they live here and nowhere else, and :func:`install` is the one place that
@@ -84,11 +84,12 @@ slightly longer ITL tail.
 ``REFIMPL_FASTWRITE=0`` in the environment (``refimpl bench
 --no-fastwrite``) keeps the stock class.
 
-2. The WebSocket watchdog (lesson 03): keepalive pings, dead peers, stalled readers
-==================================================================================
+2. The watchdog (lesson 03): keepalive pings, dead peers, stalled readers
+=========================================================================
 
-Three things a long-lived socket needs can only be done *below* ASGI, because
-an ASGI application sees messages, never frames or the TCP connection:
+Three things a long-lived connection needs can only be done *below* ASGI,
+because an ASGI application sees messages, never frames or the TCP
+connection (the first two are for WebSockets, the third for SSE too):
 
 1. **Keepalive.**  RFC 6455 §5.5.2-5.5.3: either side may send a Ping control
    frame and the other must answer with a Pong "as soon as is practical".
@@ -101,26 +102,45 @@ an ASGI application sees messages, never frames or the TCP connection:
    a frozen process: a *half-open* connection) looks exactly like a quiet one.
    We count any bytes from the peer as a sign of life; if nothing at all
    arrives within ``ping_timeout`` seconds of a ping, the peer is dead.
-3. **Stalled readers.**  A WebSocket send blocks when the client stops reading
-   (natural backpressure, lesson 10), but hypercorn's write is *shielded* from
-   cancellation (DESIGN §4): a ``trio.move_on_after`` around
-   ``websocket.send`` in the route can never fire while the write is stuck.
-   So the watchdog times the writes itself, one layer down: a frame that has
-   waited ``stall_timeout`` seconds to be written means the client stopped
-   reading, and the connection is dropped.
+3. **Stalled readers.**  A WebSocket send or an SSE body write blocks when
+   the client stops reading (natural backpressure, lesson 10), but
+   hypercorn's write is *shielded* from cancellation (DESIGN §4): a
+   ``trio.move_on_after`` around ``websocket.send`` in the route, or around
+   a response body's ``yield``, can never fire while the write is stuck.
+   So the watchdog times the writes itself, one layer down: a frame or a
+   body chunk that has waited ``stall_timeout`` seconds to be written means
+   the client stopped reading, and the connection is dropped.  (The kernel
+   wakes a blocked writer only once a good part of its send buffer has
+   drained, so a client that reads, but far slower than the model writes,
+   can be dropped too.)
 
-Dropping means RFC 6455 §7.1.7 "Fail the WebSocket Connection" without the
-Close frame: one cannot be written to a peer that is dead or not reading, so
-we close the TCP connection at once.  That also frees the stuck write (a
-closed socket wakes it with an error), the route sees a disconnect, and the
-reason is left in :attr:`Watchdog.dropped` so the generation's trace can say
-``cancelled(ping_timeout)`` or ``cancelled(stall_timeout)``.
+Dropping closes the TCP connection at once: nothing more can be written to a
+peer that is dead or not reading.  On a WebSocket that is RFC 6455 §7.1.7
+"Fail the WebSocket Connection" without the Close frame; on SSE the client
+sees a chunked body without its last chunk, an incomplete message (RFC 9112
+§8).  Closing also frees the stuck write (a closed socket wakes it with an
+error), the route sees a disconnect, and the reason is left in
+:attr:`Watchdog.dropped` so the generation's trace can say
+``cancelled(ping_timeout)`` or ``cancelled(stall_timeout)``.  hypercorn's
+own shutdown meets the same wall: when its ``graceful_timeout`` has run out
+it cancels the connection's tasks, which cannot end a shielded write either,
+so the watchdog drops a connection with a write under way then
+(``shutdown``), instead of letting it keep the server from stopping.
 
-How it is wired.  :class:`WatchedWSStream` subclasses hypercorn's WebSocket
-stream, and hypercorn's HTTP/1.1 protocol is made to use it (WebSocket over
-HTTP/2, RFC 8441, keeps stock behaviour).  A route opts in per connection by putting a
-:class:`Watchdog` with its settings into the ASGI scope *before* it accepts;
-the stream reads it when the handshake completes.  The same settings also set
+How it is wired.  :class:`WatchedWrites` is what both streams share: timing
+each write, the stall guard, dropping.  :class:`WatchedWSStream` is
+hypercorn's WebSocket stream with it and the keepalive;
+:class:`WatchedHTTPStream` is hypercorn's request stream with it, timing
+every message of the response.  hypercorn's HTTP/1.1 protocol is made to use
+both; HTTP/2 (SSE over h2c or TLS ALPN, WebSocket over HTTP/2, RFC 8441)
+keeps stock behaviour.  A route opts in per connection by putting a
+:class:`Watchdog` with its settings into the ASGI scope *before* it accepts
+(WebSocket) or returns its response (SSE); the stream reads it when the
+handshake completes or the response starts.  One stall is not dropped at
+once: if the stuck write is a response's very last (the end of the chunked
+body), hypercorn has already counted the response as sent and keeps the
+connection for the next request; its idle timeout (``keep_alive_timeout``)
+closes it, which frees the write.  For WebSockets, the same settings also set
 hypercorn's per-message size limit, which hypercorn enforces *while* it
 buffers a message (close code 1009, RFC 6455 §7.4.1), so an oversized message
 never reaches the route in memory; the watchdog notes that close too
@@ -134,7 +154,7 @@ import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -144,9 +164,10 @@ import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.events import Event as TCPEvent
 from hypercorn.protocol.events import Data, Event, StreamClosed
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.typing import WebsocketAcceptEvent
+from hypercorn.typing import ASGISendEvent, TaskGroup, WebsocketAcceptEvent
 from wsproto.events import CloseConnection, Ping
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
@@ -166,6 +187,10 @@ WRITTEN_FOR = {
     "WSStream.handle": "743209f49012b8c7",
     "WSStream._accept": "144623ad2e13fc56",
     "WSStream._send_wsproto_event": "3a4df3f0d2dfd314",
+    "HTTPStream.__init__": "c51a65fea53dbfeb",
+    "HTTPStream.handle": "6ed2e34c5e708c6a",
+    "HTTPStream.app_send": "c806044b99736985",
+    "H11Protocol._maybe_recycle": "3ac53f52bc4e65de",
 }
 # endregion: written-for
 
@@ -173,7 +198,9 @@ WRITTEN_FOR = {
 YIELD_EVERY = 8
 STOCK_TCP_SERVER = TCPServer
 STOCK_WS_STREAM = WSStream
-#: The ASGI scope key a route sets to a :class:`Watchdog` before accepting.
+STOCK_HTTP_STREAM = HTTPStream
+#: The ASGI scope key a route sets to a :class:`Watchdog` before it accepts
+#: (WebSocket) or returns its response (HTTP/1.1).
 SCOPE_KEY = "refimpl.watchdog"
 
 
@@ -210,17 +237,18 @@ class FastTCPServer(TCPServer):
 # endregion: fast-write
 
 
-# -- 2. the WebSocket watchdog ---------------------------------------------------
+# -- 2. the watchdog (WebSocket and HTTP/1.1) ------------------------------------
 @dataclass
 class Watchdog:
     """One connection's settings, and why the watchdog dropped it (if it did)."""
 
-    ping_interval: float | None = 20.0  # seconds between pings; None: no pings
+    ping_interval: float | None = 20.0  # seconds between pings; None: no pings (WebSocket only)
     ping_timeout: float = 20.0  # seconds a ping may go unanswered
-    stall_timeout: float | None = 30.0  # seconds a frame may wait to be written
-    max_message_bytes: int = 1 << 20  # largest message accepted (else 1009)
+    stall_timeout: float | None = 30.0  # seconds one write may wait; None: never drop
+    max_message_bytes: int = 1 << 20  # largest message accepted (else 1009; WebSocket only)
     # Why the connection ended on our side, if it did: "ping_timeout",
-    # "stall_timeout", or "message_too_big" (hypercorn sent the 1009).
+    # "stall_timeout", "shutdown" (hypercorn cancelled the connection while a
+    # write was stuck), or "message_too_big" (hypercorn sent the 1009).
     dropped: str | None = None
     # Called each time a ping goes out (the route records it in the running
     # generation's trace as a heartbeat), and with the reason when the
@@ -230,73 +258,67 @@ class Watchdog:
     on_drop: Callable[[str], None] | None = None
 
 
-class WatchedWSStream(WSStream):
-    """hypercorn's WebSocket stream, plus :class:`Watchdog` duties."""
+class WatchedWrites:
+    """What every watched stream shares: it times each write, and drops the
+    connection when one has waited ``stall_timeout`` seconds.
+
+    Mixed in *before* a hypercorn stream class, so that its ``super()`` is
+    hypercorn's.  The stream passes each write through :meth:`_timed` and
+    calls :meth:`_start_watch` with whatever the route put in the scope.
+    """
+
+    # Set by hypercorn's stream classes, which both have them.
+    scope: dict
+    task_group: TaskGroup
+    send: Callable[[Event], Awaitable[None]]
+    stream_id: int
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.watchdog: Watchdog | None = None  # from the scope, at accept
-        self._heard = trio.Event()  # set when bytes arrive from the peer
-        self._writing: dict[int, float] = {}  # frames being written -> since when
-        self._frames = 0
-        self._watch = trio.CancelScope()
+        self.watchdog: Watchdog | None = None  # from the scope, if the route put one there
+        self._writing: dict[int, float] = {}  # writes under way -> since when
+        self._writes = 0
+        self._watch = trio.CancelScope()  # the watch's tasks, until the stream closes
 
     async def handle(self, event: Event) -> None:
-        if isinstance(event, Data):  # WebSocket bytes from the peer: it is alive
-            self._heard.set()
-        elif isinstance(event, StreamClosed):  # however it ended, stop watching
+        if isinstance(event, StreamClosed):  # however it ended, stop watching
             self._watch.cancel()
         await super().handle(event)
 
-    async def _accept(self, message: WebsocketAcceptEvent) -> None:
-        watchdog = self.scope.get(SCOPE_KEY)
-        if isinstance(watchdog, Watchdog):
+    async def _timed(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
+        """``await write(*args)``, noting since when it waits."""
+        self._writes += 1
+        n = self._writes
+        self._writing[n] = trio.current_time()
+        try:
+            await write(*args)
+        finally:
+            del self._writing[n]
+
+    def _start_watch(self, watchdog: object) -> None:
+        if self.watchdog is None and isinstance(watchdog, Watchdog):
             self.watchdog = watchdog
-            # Before the handshake answer leaves: the client may send at once.
-            self.buffer.max_length = watchdog.max_message_bytes
-        await super()._accept(message)
-        if self.watchdog is not None:
             self.task_group.spawn(self._watch_over)
 
-    async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
-        # Every frame we write passes here; remember since when it waits.
-        too_big = isinstance(event, CloseConnection) and event.code == CloseReason.MESSAGE_TOO_BIG
-        if too_big and self.watchdog is not None:  # hypercorn's 1009: the route never saw it
-            self.watchdog.dropped = "message_too_big"
-        self._frames += 1
-        frame = self._frames
-        self._writing[frame] = trio.current_time()
-        try:
-            await super()._send_wsproto_event(event)
-        finally:
-            del self._writing[frame]
+    def _duties(self) -> list[Callable[[], Awaitable[None]]]:
+        """The watch's tasks; a stream class adds its own."""
+        return [self._stall_guard] if self.watchdog.stall_timeout is not None else []
 
     async def _watch_over(self) -> None:
-        with self._watch:
-            async with trio.open_nursery() as nursery:
-                if self.watchdog.ping_interval is not None:
-                    nursery.start_soon(self._keepalive)
-                if self.watchdog.stall_timeout is not None:
-                    nursery.start_soon(self._stall_guard)
-
-    # region: keepalive
-    async def _keepalive(self) -> None:
-        dog = self.watchdog
-        await heartbeat.keep_websocket_alive(self, dog.ping_interval, dog.ping_timeout)
-        self._drop("ping_timeout")  # it returns only when the peer is dead
-
-    # heartbeat.PingTarget: what keep_websocket_alive needs of a connection.
-    def listen(self) -> trio.Event:
-        self._heard = trio.Event()
-        return self._heard
-
-    def send_ping(self, payload: bytes) -> None:
-        # In its own task: keep_websocket_alive must not wait for the write.
-        self.task_group.spawn(self._send_wsproto_event, Ping(payload))
-        if self.watchdog.on_ping is not None:
-            self.watchdog.on_ping()
-
-    # endregion: keepalive
+        try:
+            with self._watch:  # until the stream closes, or we drop it
+                async with trio.open_nursery() as nursery:
+                    for duty in self._duties():
+                        nursery.start_soon(duty)
+                    await trio.sleep_forever()
+        except* trio.Cancelled:
+            # Not our cancel but hypercorn's: it is giving up on the
+            # connection (at shutdown, its graceful_timeout ran out).  A write
+            # still under way may be stuck, shielded, and would keep the
+            # connection and the server from ever ending: drop it now.
+            if self._writing:
+                self._drop("shutdown")
+            raise
 
     # region: stall-guard
     async def _stall_guard(self) -> None:
@@ -318,9 +340,79 @@ class WatchedWSStream(WSStream):
         if self.watchdog.on_drop is not None:
             self.watchdog.on_drop(reason)
         self._watch.cancel()
+        self.task_group.spawn(self._close)
+
+    async def _close(self) -> None:
         # "This stream is over" is how hypercorn's HTTP/1.1 protocol learns
-        # to close the socket; a task of its own, so no cancel stops it.
-        self.task_group.spawn(self.send, StreamClosed(stream_id=self.stream_id))
+        # to close the socket.  A task of its own, shielded: hypercorn may be
+        # cancelling the connection's tasks, and the closing must still happen.
+        with trio.CancelScope(shield=True):
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+class WatchedWSStream(WatchedWrites, WSStream):
+    """hypercorn's WebSocket stream, plus keepalive and the stall guard."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._heard = trio.Event()  # set when bytes arrive from the peer
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, Data):  # WebSocket bytes from the peer: it is alive
+            self._heard.set()
+        await super().handle(event)
+
+    async def _accept(self, message: WebsocketAcceptEvent) -> None:
+        watchdog = self.scope.get(SCOPE_KEY)
+        if isinstance(watchdog, Watchdog):
+            # Before the handshake answer leaves: the client may send at once.
+            self.buffer.max_length = watchdog.max_message_bytes
+        await super()._accept(message)
+        self._start_watch(watchdog)
+
+    async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
+        # Every frame we write passes here.
+        too_big = isinstance(event, CloseConnection) and event.code == CloseReason.MESSAGE_TOO_BIG
+        if too_big and self.watchdog is not None:  # hypercorn's 1009: the route never saw it
+            self.watchdog.dropped = "message_too_big"
+        await self._timed(super()._send_wsproto_event, event)
+
+    def _duties(self) -> list[Callable[[], Awaitable[None]]]:
+        pings = [self._keepalive] if self.watchdog.ping_interval is not None else []
+        return pings + super()._duties()
+
+    # region: keepalive
+    async def _keepalive(self) -> None:
+        dog = self.watchdog
+        await heartbeat.keep_websocket_alive(self, dog.ping_interval, dog.ping_timeout)
+        self._drop("ping_timeout")  # it returns only when the peer is dead
+
+    # heartbeat.PingTarget: what keep_websocket_alive needs of a connection.
+    def listen(self) -> trio.Event:
+        self._heard = trio.Event()
+        return self._heard
+
+    def send_ping(self, payload: bytes) -> None:
+        # In its own task: keep_websocket_alive must not wait for the write.
+        self.task_group.spawn(self._send_wsproto_event, Ping(payload))
+        if self.watchdog.on_ping is not None:
+            self.watchdog.on_ping()
+
+    # endregion: keepalive
+
+
+class WatchedHTTPStream(WatchedWrites, HTTPStream):
+    """hypercorn's HTTP/1.1 request/response stream, plus the stall guard."""
+
+    async def app_send(self, message: ASGISendEvent | None) -> None:
+        # Every part of the response passes here: status and headers, each
+        # body chunk, the end.  The route put its Watchdog (if any) in the
+        # scope before it returned the response, so it is there at the start.
+        if message is not None and message["type"] == "http.response.start":
+            self._start_watch(self.scope.get(SCOPE_KEY))
+        if self.watchdog is None:  # not watched: stock behaviour, no timing
+            return await super().app_send(message)
+        await self._timed(super().app_send, message)
 
 
 # -- installing, once, after checking -----------------------------------------
@@ -337,21 +429,30 @@ def fingerprints() -> dict[str, str]:
         "WSStream.handle": STOCK_WS_STREAM.handle,
         "WSStream._accept": STOCK_WS_STREAM._accept,
         "WSStream._send_wsproto_event": STOCK_WS_STREAM._send_wsproto_event,
+        "HTTPStream.__init__": STOCK_HTTP_STREAM.__init__,
+        "HTTPStream.handle": STOCK_HTTP_STREAM.handle,
+        "HTTPStream.app_send": STOCK_HTTP_STREAM.app_send,
+        "H11Protocol._maybe_recycle": hypercorn_h11.H11Protocol._maybe_recycle,
     }
     return {"version": version("hypercorn"), **{name: _fingerprint(f) for name, f in methods.items()}}
 
 
 # region: install
 def install(fastwrite: bool | None = None) -> bool:
-    """Put both patches in; returns whether the write fast path is on.
+    """Put the patches in; returns whether the write fast path is on.
+
+    The watchdog goes into hypercorn's HTTP/1.1 protocol only, for its
+    WebSocket and its request streams; HTTP/2 (h2c and TLS ALPN, WebSocket
+    over HTTP/2 too) keeps stock behaviour, which is the HTTP/2 issue's work.
 
     ``fastwrite=None`` reads ``REFIMPL_FASTWRITE`` (anything but ``0`` means
     on); ``False`` keeps hypercorn's own ``TCPServer``.  Idempotent and cheap,
     so ``serve()`` calls it each time a server starts.
     """
-    if hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, FastTCPServer) or hypercorn_h11.WSStream not in (
-        STOCK_WS_STREAM,
-        WatchedWSStream,
+    if (
+        hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, FastTCPServer)
+        or hypercorn_h11.WSStream not in (STOCK_WS_STREAM, WatchedWSStream)
+        or hypercorn_h11.HTTPStream not in (STOCK_HTTP_STREAM, WatchedHTTPStream)
     ):
         raise RuntimeError(
             "hypercorn no longer creates the classes refimpl patches; see hypercorn_patches.py"
@@ -372,6 +473,7 @@ def install(fastwrite: bool | None = None) -> bool:
     # A connection whose route put no Watchdog in its scope behaves exactly
     # like stock hypercorn.
     hypercorn_h11.WSStream = WatchedWSStream
+    hypercorn_h11.HTTPStream = WatchedHTTPStream
     return fastwrite
 
 

@@ -1,7 +1,7 @@
 """The patches refimpl makes to hypercorn, and the checks that keep them honest.
 
-``refimpl/hypercorn_patches.py`` replaces two hypercorn classes process-wide
-(the write fast path, the WebSocket watchdog).  Overriding methods a library
+``refimpl/hypercorn_patches.py`` replaces three hypercorn classes process-wide
+(the write fast path; the watchdog's WebSocket and HTTP/1.1 streams).  Overriding methods a library
 does not promise to keep is safe only while the code under the overrides is
 the code they were written against, so:
 
@@ -24,6 +24,7 @@ import logging
 import hypercorn.protocol.h11 as hypercorn_h11
 import hypercorn.trio.run as hypercorn_run
 import pytest
+from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -36,18 +37,24 @@ def restore_hypercorn(monkeypatch):
     """Whatever a test installs, hypercorn's classes are put back after it."""
     monkeypatch.setattr(hypercorn_run, "TCPServer", hypercorn_run.TCPServer)
     monkeypatch.setattr(hypercorn_h11, "WSStream", hypercorn_h11.WSStream)
+    monkeypatch.setattr(hypercorn_h11, "HTTPStream", hypercorn_h11.HTTPStream)
 
 
 def test_hypercorn_is_what_the_patches_were_written_for():
     found = hypercorn_patches.fingerprints()
     changed = [name for name in WRITTEN_FOR if found.get(name) != WRITTEN_FOR[name]]
-    files = {"TCPServer": inspect.getsourcefile(TCPServer), "WSStream": inspect.getsourcefile(WSStream)}
+    files = {
+        "TCPServer": inspect.getsourcefile(TCPServer),
+        "WSStream": inspect.getsourcefile(WSStream),
+        "HTTPStream": inspect.getsourcefile(HTTPStream),
+        "H11Protocol": inspect.getsourcefile(hypercorn_h11),
+    }
     reread = [f"{name} ({files[name.partition('.')[0]]})" for name in changed if name != "version"]
     assert found == WRITTEN_FOR, (
         f"hypercorn changed under refimpl/hypercorn_patches.py (installed {found['version']}, "
         f"written for {WRITTEN_FOR['version']}; changed: {', '.join(changed)}).  Re-read "
         f"{', '.join(reread) or 'the methods in WRITTEN_FOR'} against FastTCPServer.protocol_send "
-        "and WatchedWSStream and the module docstring's argument for why they are safe; fix the "
+        "and the Watched* stream classes and the module docstring's argument for why they are safe; fix the "
         "overrides if it no longer holds, then copy the new values of fingerprints() into WRITTEN_FOR."
     )
 
@@ -65,7 +72,11 @@ class Impostor:
 
 
 #: Where hypercorn looks up each class install() swaps: module, attribute.
-SWAPPED = {"TCPServer": (hypercorn_run, "TCPServer"), "WSStream": (hypercorn_h11, "WSStream")}
+SWAPPED = {
+    "TCPServer": (hypercorn_run, "TCPServer"),
+    "WSStream": (hypercorn_h11, "WSStream"),
+    "HTTPStream": (hypercorn_h11, "HTTPStream"),
+}
 
 
 @pytest.mark.parametrize("replaced", SWAPPED)

@@ -45,6 +45,7 @@ from typing import Any
 
 from quart import Quart, Response, request
 
+from .. import hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
@@ -104,7 +105,9 @@ class ChunkFramer:
 
 
 # region: sse-stream
-async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) -> AsyncIterator[bytes]:
+async def stream_chunks(
+    gen: Generation, framer: ChunkFramer, config: Config, watchdog: hypercorn_patches.Watchdog
+) -> AsyncIterator[bytes]:
     """The response body: Quart iterates this and writes each item."""
     batch, silence = config.batch_tokens, config.heartbeat
     try:
@@ -122,8 +125,8 @@ async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) ->
     except Exception as bug:  # a bug of ours: an error event, not a cut body
         yield errors.sse_error_event(gen.fail(bug))
     finally:
-        if not gen.finished:  # we are leaving early: the client went away
-            gen.cancel("client_disconnect")
+        if not gen.finished:  # we are leaving early: the client went away, or stalled
+            gen.cancel(watchdog.dropped or "client_disconnect")
 
 
 # endregion: sse-stream
@@ -145,8 +148,14 @@ def register(app: Quart, engine: Engine) -> None:
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if request.http_version == "1.1":
             headers["Connection"] = "keep-alive"
+        # A client that reads nothing for stall_timeout seconds is dropped
+        # and its generation cancelled at once (lesson 10): hypercorn's
+        # stream finds the watchdog in the scope when the response starts.
+        watchdog = hypercorn_patches.Watchdog(ping_interval=None, stall_timeout=config.stall_timeout)
+        watchdog.on_drop = gen.cancel
+        request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
         framer = ChunkFramer(gen, params.include_usage)
-        body = stream_chunks(gen, framer, config)
+        body = stream_chunks(gen, framer, config, watchdog)
         response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
         response.timeout = None  # Quart would cut the stream at 60 s
         return response
