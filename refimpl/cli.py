@@ -31,7 +31,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--itl-ms", type=float, default=s.itl_ms, help="delay between tokens")
     p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
     p.add_argument("--heartbeat", type=float, default=d.heartbeat, help="seconds of silence before ': ping'")
-    p.add_argument("--max-active", type=int, default=d.max_active, help="concurrent generations before 429")
+    p.add_argument(
+        "--max-concurrent",
+        "--max-active",
+        dest="max_active",
+        metavar="N",
+        type=int,
+        default=d.max_active,
+        help="generations the model runs at once; more wait in the queue",
+    )
+    p.add_argument(
+        "--max-queue",
+        metavar="N",
+        type=int,
+        default=d.max_queue,
+        help="generations that may wait for a slot (heartbeats meanwhile); more get 429",
+    )
     p.add_argument(
         "--generation-timeout",
         type=float,
@@ -109,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         simulate=sim,
         heartbeat=args.heartbeat,
         max_active=args.max_active,
+        max_queue=args.max_queue,
         generation_timeout=args.generation_timeout or None,
         retry_after=args.retry_after,
         drain_timeout=args.drain_timeout,
