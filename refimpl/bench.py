@@ -66,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--json", type=Path, default=None, help="results file (default bench-results/bench-<timestamp>.json)"
     )
     p.set_defaults(run=run)
+    # Other scenarios are subcommands of ``bench``, and optional ones: with
+    # none, ``refimpl bench [options]`` is the overhead scenario above.  A
+    # subcommand's own defaults (its ``run``) replace the ones set here.
+    from .bench_cancel import add_parser as add_cancel_parser  # (it imports this module)
+
+    add_cancel_parser(p.add_subparsers(dest="scenario", title="other scenarios", metavar="{cancel}"))
 
 
 async def show_progress(label: str, load: Load, total: int) -> None:

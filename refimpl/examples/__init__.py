@@ -3,14 +3,17 @@
 Two kinds live here, and nothing in ``refimpl`` imports either:
 
 * **Broken code, kept on purpose**: the "before" half of a lesson's
-  broken/fixed pair (STYLE §4).  It exists, runs, and
-  ``tests/test_lesson_examples.py`` (for JavaScript, ``tests/js/``) proves
-  it breaks exactly the way the lesson says.  Do not copy from it.
+  broken/fixed pair (STYLE §4).  It exists, runs, and a test proves it
+  breaks exactly the way the lesson says (``tests/test_lesson_examples.py``,
+  ``test_websocket_seed.py``, ``test_zombie.py``; for JavaScript,
+  ``tests/js/``).  Do not copy from it.
 
   ``naive_sse``     SSE readers that split on ``"\\n"`` (lesson 01)
   ``cut_at_60s``    a Quart stream that forgets ``response.timeout`` (lesson 02)
   ``seed_ws``       the seed's WebSocket loop, flaws and all (lesson 03)
   ``seed_fetch.mjs``  the seed's ``fetch()`` SSE reader, flaws and all (lesson 07)
+  ``zombie``        the seed's SSE loop with the model in a background task
+                    that nobody stops when the client leaves (lesson 09)
 
 * **Small working programs** the lessons include by region, so what a
   lesson shows is what the tests run.
