@@ -37,10 +37,12 @@ Two scenarios:
                             leaves after its first content token.
 ``before the first token``  a 60 s TTFT; the client leaves after the first
                             event (the role chunk), while the writer waits
-                            for the model's first token.  Leaving a request
-                            that waits in the admission queue (lesson 09,
-                            "the queue") is a third scenario, to be added
-                            with the queue.
+                            for the model's first token.
+``while queued``            the one slot (``max_active`` 1 for this part) is
+                            held by another generation, so the request waits
+                            in the admission queue (lesson 09, "the queue");
+                            the client leaves after the role chunk, before
+                            the model ever started.
 
 Every disconnect must end as ``cancelled(client_disconnect)``; another
 ending (or none within 10 s) is reported as what it was, not as a latency.
@@ -56,6 +58,8 @@ import gc
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from .backend import ModelRequest, Simulate
 from .bench import environment, ms, percentile
 from .config import DEFAULT_MODEL, Config
 from .sse import SSEParser
@@ -71,10 +76,12 @@ from .sse import SSEParser
 if TYPE_CHECKING:
     from .engine import Engine
 
+QUEUED = "while queued"
 #: Scenario name -> (the model's "simulate" knobs, content tokens to read before leaving).
 SCENARIOS: dict[str, tuple[dict[str, Any], int]] = {
     "mid-stream": ({"ttft_ms": 0, "itl_ms": 20, "tokens": 1000}, 1),
     "before the first token": ({"ttft_ms": 60_000, "itl_ms": 20, "tokens": 1000}, 0),
+    QUEUED: ({"ttft_ms": 0, "itl_ms": 20, "tokens": 1000}, 0),
 }
 MAX_COUNT = 100_000
 WARMUP = 5  # disconnects before the measured ones: imports, caches, first connections
@@ -134,6 +141,20 @@ class FullCollections:
 
     def between(self, start: float, end: float) -> int:
         return sum(1 for t in self.started if start <= t <= end)
+
+
+@contextmanager
+def holding_the_only_slot(engine: Engine) -> Iterator[None]:
+    """One slot, taken by a generation that will not finish: every request
+    made meanwhile waits in the admission queue."""
+    request = ModelRequest(messages=(("user", "hold the slot"),), simulate=Simulate(ttft_ms=3_600_000))
+    blocker, saved = engine.start(request, "bench"), engine.max_active
+    engine.max_active = 1
+    try:
+        yield
+    finally:
+        engine.max_active = saved
+        blocker.cancel("client_disconnect")
 
 
 async def disconnect_once(
@@ -210,8 +231,9 @@ async def run(args: argparse.Namespace) -> int:
                 for _ in range(WARMUP):
                     await once("mid-stream")
                 for name, out in samples.items():
-                    for _ in range(args.count):
-                        out.append(await once(name))
+                    with holding_the_only_slot(engine) if name == QUEUED else nullcontext():
+                        for _ in range(args.count):
+                            out.append(await once(name))
             nursery.cancel_scope.cancel()
     finally:
         gc.callbacks.remove(gcs)

@@ -58,3 +58,5 @@ async def test_every_disconnect_is_seen_as_a_client_disconnect(tmp_path):
     # The client left after the first content token, or before any came.
     assert all(s["received"] >= 1 for s in result["samples"]["mid-stream"])
     assert all(s["tokens_at_end"] == 0 for s in result["samples"]["before the first token"])
+    # Left while queued: the model never started, so it made nothing.
+    assert all(s["tokens_at_end"] == 0 for s in result["samples"]["while queued"])
