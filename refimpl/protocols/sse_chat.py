@@ -40,6 +40,7 @@ already available leaves in one write (``Generation.pull``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from json.encoder import encode_basestring as json_string
 from typing import Any
 
@@ -50,7 +51,7 @@ from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
 from ..jsonwire import dumps
-from ..patterns import errors, heartbeat
+from ..patterns import cancellation, errors, heartbeat
 from ..sse import encode
 from .chat_request import parse_chat_request
 from .http_json import json_response, read_json_body
@@ -125,8 +126,8 @@ async def stream_chunks(
     except Exception as bug:  # a bug of ours: an error event, not a cut body
         yield errors.sse_error_event(gen.fail(bug))
     finally:
-        if not gen.finished:  # we are leaving early: the client went away, or stalled
-            gen.cancel(watchdog.dropped or "client_disconnect")
+        # Still running: we are leaving early, so the client went away (lesson 09).
+        cancellation.client_left(gen, watchdog.dropped)
 
 
 # endregion: sse-stream
@@ -152,7 +153,7 @@ def register(app: Quart, engine: Engine) -> None:
         # and its generation cancelled at once (lesson 10): hypercorn's
         # stream finds the watchdog in the scope when the response starts.
         watchdog = hypercorn_patches.Watchdog(ping_interval=None, stall_timeout=config.stall_timeout)
-        watchdog.on_drop = gen.cancel
+        watchdog.on_drop = partial(cancellation.client_left, gen)
         request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
         framer = ChunkFramer(gen, params.include_usage)
         body = stream_chunks(gen, framer, config, watchdog)
@@ -176,8 +177,7 @@ async def complete(gen: Generation, headers: dict[str, str], config: Config) -> 
             errors.cancelled_error(cancel.reason), config.retry_after, headers
         ) from None
     finally:
-        if not gen.finished:  # we are leaving early: the client went away
-            gen.cancel("client_disconnect")
+        cancellation.client_left(gen)  # still running: the client went away
     message = {"role": "assistant", "content": "".join(parts), "refusal": None}
     body = {
         "id": gen.id,

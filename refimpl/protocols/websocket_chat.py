@@ -56,7 +56,7 @@ from .. import hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, Engine, Generation, GenerationCancelled
-from ..patterns import errors
+from ..patterns import cancellation, errors
 from ..patterns.errors import APIError
 from ..patterns.shutdown import Shutdown
 from .ws_messages import (
@@ -161,8 +161,8 @@ class ChatSocket:
         finally:
             if self.gen is gen:
                 self.gen = None
-            if not gen.finished:  # the socket went away mid-generation
-                gen.cancel(self.closing or self.watchdog.dropped or "client_disconnect")
+            # Still running: the socket went away mid-generation (lesson 09).
+            cancellation.client_left(gen, self.closing or self.watchdog.dropped)
 
     # endregion: ws-stream
 
@@ -185,7 +185,7 @@ def register(app: Quart, engine: Engine, shutdown: Shutdown) -> None:
         # Each ping is a heartbeat of the running generation, if any (lesson
         # 08); a dropped connection cancels it at once (lesson 09).
         watchdog.on_ping = lambda: chat.gen.heartbeat() if chat.gen is not None else None
-        watchdog.on_drop = lambda reason: chat.gen.cancel(reason) if chat.gen is not None else None
+        watchdog.on_drop = lambda reason: chat.gen and cancellation.client_left(chat.gen, reason)
         await ws.accept()
         shutdown.track(chat, chat.going_away)  # closed with 1001 when the server drains
         try:
