@@ -262,6 +262,7 @@ class Generation:
     # endregion: first-token
 
     # -- ending --------------------------------------------------------------
+    # region: generation-cancel
     def cancel(self, reason: str) -> None:
         """Stop the model at once; the writer's ``wait()`` raises
         :class:`GenerationCancelled` (lesson 09)."""
@@ -271,6 +272,8 @@ class Generation:
         self._end("cancelled", reason)
         if self._scope is not None:
             self._scope.cancel()
+
+    # endregion: generation-cancel
 
     def _admit(self) -> None:
         """The engine gave this generation a slot: start the model."""
@@ -337,6 +340,7 @@ class Engine:
         self._recent: OrderedDict[str, Generation] = OrderedDict()
         self._keep = keep_finished
 
+    # region: admission
     def start(self, request: ModelRequest, protocol: str) -> Generation:
         """A new generation: running at once if a slot is free, else queued
         (it waits inside its first ``pull()``), else refused with 429."""
@@ -373,6 +377,8 @@ class Engine:
         self.metrics.active.inc()
         gen._admit()
 
+    # endregion: admission
+
     def get(self, gen_id: str) -> Generation | None:
         return self.active.get(gen_id) or self.queued.get(gen_id) or self._recent.get(gen_id)
 
@@ -384,6 +390,7 @@ class Engine:
         for gen in [*self.queued.values(), *self.active.values()]:
             gen.cancel(reason)
 
+    # region: slot-freed
     def _finished(self, gen: Generation, name: str, detail: str | None) -> None:
         if self.queued.pop(gen.id, None) is not None:  # it never started
             self.metrics.queued.dec()
@@ -405,3 +412,5 @@ class Engine:
         self._recent[gen.id] = gen
         while len(self._recent) > self._keep:
             self._recent.popitem(last=False)
+
+    # endregion: slot-freed

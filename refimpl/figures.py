@@ -15,7 +15,9 @@ has two halves:
 * :func:`timeline` draws recordings, one row each, beside the server's trace
   of the same generation (``GET /v1/debug/generations/{id}``): what the
   client saw on top, what the server did beneath, on one time axis;
-  :func:`arrivals` draws tokens received against time, one line each.
+  :func:`arrivals` draws tokens received against time, one line each, and
+  :func:`made_and_read` sets beside each the tokens the model made, from
+  the trace (what a client that left cost: lesson 09).
 
 Times are seconds since the request was sent (client) or since the trace's
 ``accepted`` event (server); both clocks are monotonic.
@@ -142,6 +144,8 @@ _SERVER = {
     "accepted": ("^", "grey"),
     "first_token": ("|", "tab:blue"),
     "heartbeat": ("o", "tab:green"),
+    "queued": ("v", "tab:purple"),
+    "admitted": ("D", "tab:purple"),
     "error": ("X", "tab:red"),
     "cancelled": ("X", "tab:orange"),
     "done": ("s", "black"),
@@ -206,6 +210,53 @@ def arrivals(runs: dict[str, Recording], *, title: str = ""):
     ax.legend(loc="upper left", fontsize="small")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def made_and_read(runs: dict[str, Recording], traces: dict[str, dict[str, Any]], *, title: str = ""):
+    """One panel per recording: tokens the client received (a staircase, from
+    its own stamps) and tokens the model had made (dashed, through the trace's
+    events, each of which carries the count at that moment; between two
+    events the line assumes the model's steady pace).  Where the dashed line
+    climbs on alone, the model worked for nobody."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(runs), figsize=(4.5 * len(runs), 3.2), sharex=True, sharey=True, squeeze=False
+    )
+    axes = axes[0]
+    last = {label: trace["events"][-1] for label, trace in traces.items()}
+    most = max(event["tokens"] for event in last.values())
+    latest = max(event["at"] - traces[label]["events"][0]["at"] for label, event in last.items())
+    for ax, (label, rec) in zip(axes, runs.items(), strict=True):
+        times = rec.times("token")
+        ax.step([0, *times], range(len(times) + 1), where="post", color="tab:blue", label="received (client)")
+        events = traces[label]["events"]
+        zero, end = events[0]["at"], events[-1]
+        ax.plot(
+            [e["at"] - zero for e in events],
+            [e["tokens"] for e in events],
+            "--o",
+            color="tab:orange",
+            label="made (trace)",
+        )
+        ending = end["name"] + (f"({end['detail']})" if end["name"] == "cancelled" else "")
+        ax.annotate(
+            f"{ending}\n{end['tokens']} made, {len(times)} received",
+            (end["at"] - zero, end["tokens"]),
+            textcoords="offset points",
+            xytext=(6, 6) if end["at"] - zero < latest / 2 else (-6, 6),
+            ha="left" if end["at"] - zero < latest / 2 else "right",
+            fontsize="small",
+        )
+        ax.set_title(label)
+        ax.set_xlabel("seconds since the request")
+        ax.set_ylim(0, 1.3 * most)  # room for the note above the last point
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("tokens")
+    axes[0].legend(loc="upper left", fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from ..engine import Generation
 
 
+# region: client-left
 def client_left(gen: Generation, reason: str | None = None) -> None:
     """From a writer's ``finally`` (or a watchdog's callback): if the
     generation is still running, its client is gone, so stop the model now.
@@ -64,3 +65,6 @@ def client_left(gen: Generation, reason: str | None = None) -> None:
     simply disconnected."""
     if not gen.finished:
         gen.cancel(reason or "client_disconnect")
+
+
+# endregion: client-left

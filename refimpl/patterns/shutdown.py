@@ -70,6 +70,7 @@ class Shutdown:
         if not self._sockets and self._all_closed is not None:
             self._all_closed.set()
 
+    # region: drain
     async def drain(self) -> None:
         engine = self.engine
         self.draining, engine.accepting = True, False  # 1. new requests: 503
@@ -91,3 +92,5 @@ class Shutdown:
             going_away()
         with trio.move_on_after(FAREWELL_SECONDS):  # their close frames leave
             await self._all_closed.wait()
+
+    # endregion: drain
