@@ -152,10 +152,11 @@ async def drain(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(out)
 
 
-async def read_to_eof(stream: trio.SocketStream) -> bytes:
-    """Everything the peer's end receives until our end is closed."""
+async def read_to_eof(stream: trio.SocketStream, limit: float = 10) -> bytes:
+    """Everything the peer's end receives until our end is closed (failing,
+    not hanging, after ``limit`` seconds)."""
     out = bytearray()
-    with trio.fail_after(10):
+    with trio.fail_after(limit):
         while data := await stream.receive_some(65536):
             out += data
     return bytes(out)

@@ -41,7 +41,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import TEST_SIMULATE, chat_body
-from test_fastwrite import posted
+from test_fastwrite import posted, read_to_eof
 from test_lifecycle import metric
 from test_websocket import ended, running
 
@@ -55,15 +55,6 @@ BIG = {"ttft_ms": 0, "itl_ms": 0, "tokens": 10**7}  # more than any socket buffe
 
 def stream_body(simulate: dict[str, Any]) -> dict[str, Any]:
     return chat_body(stream=True, simulate=simulate)
-
-
-async def read_until_closed(stream: trio.SocketStream) -> bytes:
-    """Every byte the server sent, until it closed the connection."""
-    raw = bytearray()
-    with trio.fail_after(30):
-        while data := await stream.receive_some(65536):
-            raw += data
-    return bytes(raw)
 
 
 def sse_events(conn: h11.Connection, raw: bytes) -> list:
@@ -94,7 +85,7 @@ async def test_a_client_that_stops_reading_is_dropped(start_server, client):
         made = gen.completion_tokens
         # Now read what the server managed to send before it gave up; the
         # read ends because the server closed the connection.
-        events = sse_events(conn, await read_until_closed(stream))
+        events = sse_events(conn, await read_to_eof(stream, 30))
     assert made < BIG["tokens"] // 100  # the model stopped when the socket filled up
     # Everything the model made went into the socket, except at most the
     # one write that was stuck when the connection was dropped: the server

@@ -106,9 +106,7 @@ class ChunkFramer:
 
 
 # region: sse-stream
-async def stream_chunks(
-    gen: Generation, framer: ChunkFramer, config: Config, watchdog: hypercorn_patches.Watchdog
-) -> AsyncIterator[bytes]:
+async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) -> AsyncIterator[bytes]:
     """The response body: Quart iterates this and writes each item."""
     batch, silence = config.batch_tokens, config.heartbeat
     try:
@@ -126,8 +124,10 @@ async def stream_chunks(
     except Exception as bug:  # a bug of ours: an error event, not a cut body
         yield errors.sse_error_event(gen.fail(bug))
     finally:
-        # Still running: we are leaving early, so the client went away (lesson 09).
-        cancellation.client_left(gen, watchdog.dropped)
+        # Still running: we are leaving early, so the client went away (lesson
+        # 09).  A client the stall guard dropped was cancelled already, with
+        # its reason, by the watchdog's on_drop.
+        cancellation.client_left(gen)
 
 
 # endregion: sse-stream
@@ -156,7 +156,7 @@ def register(app: Quart, engine: Engine) -> None:
         watchdog.on_drop = partial(cancellation.client_left, gen)
         request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
         framer = ChunkFramer(gen, params.include_usage)
-        body = stream_chunks(gen, framer, config, watchdog)
+        body = stream_chunks(gen, framer, config)
         response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
         response.timeout = None  # Quart would cut the stream at 60 s
         return response
