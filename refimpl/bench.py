@@ -69,9 +69,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # Other scenarios are subcommands of ``bench``, and optional ones: with
     # none, ``refimpl bench [options]`` is the overhead scenario above.  A
     # subcommand's own defaults (its ``run``) replace the ones set here.
-    from .bench_cancel import add_parser as add_cancel_parser  # (it imports this module)
+    from .bench_backpressure import add_parser as add_backpressure_parser  # (they import this module)
+    from .bench_cancel import add_parser as add_cancel_parser
 
-    add_cancel_parser(p.add_subparsers(dest="scenario", title="other scenarios", metavar="{cancel}"))
+    scenarios = p.add_subparsers(dest="scenario", title="other scenarios", metavar="{cancel,backpressure}")
+    add_cancel_parser(scenarios)
+    add_backpressure_parser(scenarios)
 
 
 async def show_progress(label: str, load: Load, total: int) -> None:

@@ -20,6 +20,7 @@ import trio
 
 from .config import Config
 from .model import Simulate
+from .patterns.backpressure import POLICIES
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +71,32 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=d.stall_timeout,
         help="SSE and WebSocket: drop a client when one write waited this long (0: never)",
+    )
+    p.add_argument(
+        "--backpressure",
+        choices=POLICIES,
+        default=d.backpressure,
+        help="what the model does while a client reads slower than it writes"
+        ' (a request\'s "backpressure" field overrides it)',
+    )
+    p.add_argument(
+        "--coalesce-max-tokens",
+        metavar="N",
+        type=int,
+        default=d.coalesce_max_tokens,
+        help="coalesce: most tokens the model runs ahead of a slow client",
+    )
+    p.add_argument(
+        "--min-tokens-per-s",
+        type=float,
+        default=d.min_tokens_per_s,
+        help="disconnect: a client behind and slower than this ...",
+    )
+    p.add_argument(
+        "--slow-window",
+        type=float,
+        default=d.slow_window,
+        help="disconnect: ... for this many seconds is ended with slow_consumer",
     )
     p.add_argument(
         "--ws-ping-interval",
@@ -130,6 +157,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         drain_timeout=args.drain_timeout,
         batch_tokens=args.batch_tokens,
         stall_timeout=args.stall_timeout or None,
+        backpressure=args.backpressure,
+        coalesce_max_tokens=args.coalesce_max_tokens,
+        min_tokens_per_s=args.min_tokens_per_s,
+        slow_window=args.slow_window,
         ws_ping_interval=args.ws_ping_interval or None,
         ws_ping_timeout=args.ws_ping_timeout,
         ws_max_message_bytes=args.ws_max_message_bytes,

@@ -47,6 +47,16 @@ class Config:
     # ``stall_timeout``: an SSE chunk on HTTP/1.1 or a WebSocket frame (the
     # watchdog in ``hypercorn_patches.py``); None: never.
     stall_timeout: float | None = 30.0
+    # Backpressure (patterns/backpressure.py, lesson 10): what the model does
+    # while a client reads slower than it writes, unless a request says:
+    # "pause" (wait for the client), "coalesce" (run up to
+    # coalesce_max_tokens ahead, send what is pending as one chunk) or
+    # "disconnect" (end a client slower than min_tokens_per_s for
+    # slow_window seconds with error slow_consumer).
+    backpressure: str = "pause"
+    coalesce_max_tokens: int = 4096
+    min_tokens_per_s: float = 10.0
+    slow_window: float = 10.0
     # WebSocket keepalive (lesson 03): a ping frame every ``ws_ping_interval``
     # seconds (None: no pings); a peer that sends nothing back within
     # ``ws_ping_timeout`` seconds is dead and is dropped (``ping_timeout``).

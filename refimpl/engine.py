@@ -44,6 +44,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -117,6 +118,12 @@ class Generation:
         self._cancel_reason: str | None = None
         self._error: ModelError | None = None
         self._ready_pulls = 0
+        # Whether the last pull found tokens already waiting: the writer, not
+        # the model, was the slow one (``patterns/backpressure.py`` reads it).
+        self.behind = False
+        # Called just before the generation ends, however it ends (the
+        # backpressure flow notes a write still blocked then).
+        self.on_end: Callable[[], None] | None = None
         # Set when the generation ends, however it ends, so that tests (and
         # anything else that must know) wait on it instead of polling.
         self.ended = trio.Event()
@@ -163,6 +170,7 @@ class Generation:
         15.6-17.1 µs.
         """
         tokens = self.ready(limit)
+        self.behind = bool(tokens)
         if not tokens:
             return await self.wait(limit, timeout)
         self._ready_pulls += 1
@@ -295,6 +303,8 @@ class Generation:
     def _end(self, name: str, detail: str | None) -> None:
         if self.trace.finished:
             return
+        if self.on_end is not None:
+            self.on_end()
         self.trace.record(name, self.completion_tokens, detail)
         if name == "error":
             errors.log_failure(self.id, detail, self.completion_tokens)

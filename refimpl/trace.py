@@ -17,8 +17,9 @@ The event names are part of the public interface (DESIGN §2, "Trace"):
 ``queued`` / ``admitted``   no slot was free, so it waited (``--max-queue``),
                   then a slot freed and the model started (lesson 09)
 ``first_token``   the model produced its first token (TTFT ends here)
-``paused`` / ``resumed``   backpressure stopped / restarted the model
-                  (reserved for the backpressure policies, lesson 10)
+``paused`` / ``resumed``   backpressure stopped / restarted the model:
+                  the client read slower than the model wrote
+                  (``patterns/backpressure.py``, lesson 10)
 ``heartbeat``     a keep-alive went out while the generation ran: an SSE
                   ``: ping`` comment or a WebSocket ping frame
                   (``patterns/heartbeat.py``, lesson 08)
@@ -39,6 +40,7 @@ distance to show what streaming buys; lesson 09 uses ``cancelled``.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,18 +64,25 @@ class Trace:
     events: list[TraceEvent] = field(default_factory=list)
 
     # region: trace-record
-    def record(self, name: str, tokens: int, detail: str | None = None) -> TraceEvent:
+    def record(
+        self, name: str, tokens: int, detail: str | None = None, at: float | None = None
+    ) -> TraceEvent:
         """Append one event stamped with the loop clock.
 
         A trace ends at its first terminal event: a late ``cancelled`` after
         ``done`` (the client hung up just as the last byte left) would be a
         lie about what the model did, so it is dropped and the first ending
-        stands.
+        stands.  ``at`` stamps an event that is known only after it happened
+        (a ``paused`` is known when the blocked write returns); it goes in
+        its place in time, so the events stay in order.
         """
         if self.finished:
             return self.events[-1]
-        event = TraceEvent(name, trio.current_time(), tokens, detail)
-        self.events.append(event)
+        event = TraceEvent(name, trio.current_time() if at is None else at, tokens, detail)
+        if at is None or not self.events or self.events[-1].at <= at:
+            self.events.append(event)
+        else:
+            bisect.insort(self.events, event, key=lambda e: e.at)
         return event
 
     # endregion: trace-record

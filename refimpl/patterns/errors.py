@@ -72,6 +72,7 @@ _STATUS_TYPE = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -89,6 +90,9 @@ FAILURES: dict[str, tuple[int, bool]] = {
     "model_error": (500, False),
     "content_filter": (400, False),
     "server_shutdown": (503, True),  # the server ended it (shutdown.py), not the model
+    # The client read too slowly (backpressure.py, policy "disconnect"); only
+    # ever mid-stream, so the status only picks the error's type.
+    "slow_consumer": (408, False),
 }
 # endregion: failure-table
 

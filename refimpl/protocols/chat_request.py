@@ -22,10 +22,12 @@ from typing import Any
 from ..backend import ModelRequest, Simulate
 from ..patterns.errors import FAILURES, APIError
 
+#: The values of the top-level ``"backpressure"`` field (``patterns/backpressure.py``).
+POLICIES = ("pause", "coalesce", "disconnect")
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 # What the simulated model can fail with: each error code of the failure
 # table, or "crash" for a plain exception (a bug; lesson 07).
-FAIL_WITH = frozenset(FAILURES) - {"server_shutdown"} | {"crash"}
+FAIL_WITH = frozenset(FAILURES) - {"server_shutdown", "slow_consumer"} | {"crash"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class ChatParams:
     model_request: ModelRequest
     stream: bool
     include_usage: bool
+    backpressure: str | None = None  # None: the server's --backpressure
 
 
 def bad_request(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -92,6 +95,13 @@ def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
     return replace(defaults, **value)
 
 
+def parse_backpressure(value: Any) -> str | None:
+    """The top-level ``"backpressure"`` field (lesson 10); None: the server's."""
+    if value is None or value in POLICIES:
+        return value
+    raise bad_request(f"'backpressure' must be one of {list(POLICIES)}.", "backpressure")
+
+
 def _stop(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -147,7 +157,7 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         stop=_stop(body.get("stop")),
         simulate=parse_simulate(body.get("simulate"), defaults),
     )
-    return ChatParams(request, stream, include_usage)
+    return ChatParams(request, stream, include_usage, parse_backpressure(body.get("backpressure")))
 
 
 # endregion: request-validation

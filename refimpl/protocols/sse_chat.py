@@ -24,7 +24,9 @@ The error cases are not handled here but in ``patterns/``, where each one's
 SSE and WebSocket handling stand side by side: a failure after the 200 left
 travels *in* the stream as ``event: error`` and the body ends without
 ``[DONE]`` (``patterns/errors.py``, lesson 07); a silence of ``--heartbeat``
-seconds sends a ``: ping`` comment (``patterns/heartbeat.py``, lesson 08).
+seconds sends a ``: ping`` comment (``patterns/heartbeat.py``, lesson 08);
+a client that reads slower than the model writes meets the request's
+backpressure policy (``patterns/backpressure.py``, lesson 10).
 The writer below has the same pull loop as the WebSocket's
 (``websocket_chat.py``), so the two read side by side.
 
@@ -51,7 +53,7 @@ from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
 from ..jsonwire import dumps
-from ..patterns import cancellation, errors, heartbeat
+from ..patterns import backpressure, cancellation, errors, heartbeat
 from ..sse import encode
 from .chat_request import parse_chat_request
 from .http_json import json_response, read_json_body
@@ -106,18 +108,21 @@ class ChunkFramer:
 
 
 # region: sse-stream
-async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) -> AsyncIterator[bytes]:
+async def stream_chunks(
+    gen: Generation, flow: backpressure.Flow, framer: ChunkFramer, config: Config
+) -> AsyncIterator[bytes]:
     """The response body: Quart iterates this and writes each item."""
     batch, silence = config.batch_tokens, config.heartbeat
     try:
         yield framer.role()
-        while (step := await gen.pull(batch, timeout=silence)) is not FINISHED:
+        # A blocked yield pauses the model, or not: the policy's (lesson 10).
+        while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
             if step is SILENT:
                 yield heartbeat.sse_heartbeat(gen)  # lesson 08
             else:
                 yield framer.content(step)
         yield framer.end()
-    except ModelError as err:  # lesson 07: an error event, then end, no [DONE]
+    except ModelError as err:  # lesson 07 (and a slow_consumer): an error event, no [DONE]
         yield errors.sse_error_event(err)
     except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
         yield errors.sse_error_event(errors.cancelled_error(cancel.reason))
@@ -128,6 +133,7 @@ async def stream_chunks(gen: Generation, framer: ChunkFramer, config: Config) ->
         # 09).  A client the stall guard dropped was cancelled already, with
         # its reason, by the watchdog's on_drop.
         cancellation.client_left(gen)
+        flow.close()
 
 
 # endregion: sse-stream
@@ -156,7 +162,10 @@ def register(app: Quart, engine: Engine) -> None:
         watchdog.on_drop = partial(cancellation.client_left, gen)
         request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
         framer = ChunkFramer(gen, params.include_usage)
-        body = stream_chunks(gen, framer, config)
+        # coalesce's producer lives in the app's nursery: it must not be
+        # held open across the body generator's yields (DESIGN §4).
+        flow = backpressure.flow(gen, params.backpressure, config, app.nursery)
+        body = stream_chunks(gen, flow, framer, config)
         response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
         response.timeout = None  # Quart would cut the stream at 60 s
         return response

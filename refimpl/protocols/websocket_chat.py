@@ -56,7 +56,7 @@ from .. import hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, Engine, Generation, GenerationCancelled
-from ..patterns import cancellation, errors
+from ..patterns import backpressure, cancellation, errors
 from ..patterns.errors import APIError
 from ..patterns.shutdown import Shutdown
 from .ws_messages import (
@@ -130,7 +130,7 @@ class ChatSocket:
                     )
                 else:
                     self.gen = self.engine.start(message.request, PROTOCOL)
-                    self.nursery.start_soon(self.stream, self.gen)
+                    self.nursery.start_soon(self.stream, self.gen, message.backpressure)
             except ProtocolViolation as violation:
                 return violation
             except APIError as err:  # a bad message (or 429/503): say so, carry on
@@ -139,14 +139,21 @@ class ChatSocket:
     # endregion: ws-session
 
     # region: ws-stream
-    async def stream(self, gen: Generation) -> None:
+    async def stream(self, gen: Generation, policy: str | None) -> None:
+        flow = backpressure.flow(gen, policy, self.config, self.nursery)
         try:
             try:
                 batch = self.config.batch_tokens
                 # No heartbeat timeout here: the watchdog pings (lesson 08).
-                while (step := await gen.pull(batch)) is not FINISHED:
+                while (step := await flow.pull(batch)) is not FINISHED:
                     await self.ws.send(token_message(step))  # blocks if they stop reading
                 last = done_message(gen)
+            except backpressure.SlowConsumer as err:  # lesson 10: say why, then close
+                last = errors.ws_error_message(err, gen.id)
+                self.closing, self.close_with = (
+                    "slow_consumer",
+                    (CloseReason.POLICY_VIOLATION, "slow consumer"),
+                )
             except ModelError as err:  # lesson 07: an error message, the socket stays
                 last = errors.ws_error_message(err, gen.id)
             except GenerationCancelled as cancel:  # a cancel message, or the server's
@@ -158,11 +165,14 @@ class ChatSocket:
             self.gen = None
             if self.watchdog.dropped is None:  # a dropped peer hears nothing more
                 await self.ws.send(last)
+            if self.closing == "slow_consumer":
+                self.nursery.cancel_scope.cancel()  # run() closes the socket
         finally:
             if self.gen is gen:
                 self.gen = None
             # Still running: the socket went away mid-generation (lesson 09).
             cancellation.client_left(gen, self.closing or self.watchdog.dropped)
+            flow.close()
 
     # endregion: ws-stream
 

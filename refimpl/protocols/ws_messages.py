@@ -9,8 +9,8 @@ moves these messages over the socket.
 Every message is one JSON object in one *text* frame (RFC 6455 §5.6), told
 apart by ``"type"``.  Client → server:
 
-``{"type": "chat", "messages": [...], "max_tokens": n, "simulate": {...}}``
-    start a generation; ``messages`` and ``simulate`` are validated by the
+``{"type": "chat", "messages": [...], "max_tokens": n, "simulate": {...}, "backpressure": "pause"}``
+    start a generation (``backpressure`` is optional, lesson 10); ``messages`` and ``simulate`` are validated by the
     same code as the HTTP endpoint (``chat_request.py``), so a bad value gets
     the same error text and ``param`` on every protocol.
 ``{"type": "cancel"}``
@@ -46,7 +46,7 @@ from wsproto.frame_protocol import CloseReason
 
 from ..backend import ModelRequest, Simulate
 from ..jsonwire import dumps_ascii, loads_strict
-from .chat_request import bad_request, optional_int, parse_messages, parse_simulate
+from .chat_request import bad_request, optional_int, parse_backpressure, parse_messages, parse_simulate
 
 if TYPE_CHECKING:  # a type only: importing the engine would bring in trio
     from ..engine import Generation
@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # a type only: importing the engine would bring in trio
 @dataclass(frozen=True, slots=True)
 class Chat:
     request: ModelRequest
+    backpressure: str | None = None  # None: the server's --backpressure
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class ProtocolViolation(Exception):
 
 
 # The fields each message type may carry; anything else is a typo worth an error.
-_FIELDS = {"chat": {"type", "messages", "max_tokens", "simulate"}, "cancel": {"type"}}
+_FIELDS = {"chat": {"type", "messages", "max_tokens", "simulate", "backpressure"}, "cancel": {"type"}}
 
 
 def _decode(text: str) -> Any:
@@ -109,7 +110,8 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
             model=model,
             max_tokens=max_tokens,
             simulate=parse_simulate(body.get("simulate"), defaults),
-        )
+        ),
+        parse_backpressure(body.get("backpressure")),
     )
 
 
