@@ -22,17 +22,18 @@ traceback in the body.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import hypercorn_patches
+from . import access_log, hypercorn_patches
 from .config import Config
 from .engine import Engine
 from .metrics import Metrics
@@ -99,6 +100,19 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         # The simulated model's shared timer lives in the lifespan nursery.
         if isinstance(engine.backend, SimulatedModel):
             engine.backend.clock.attach(app.nursery)
+
+    @app.before_request
+    async def note_start() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def access_line(response: Response) -> Response:
+        # A request that made a generation is logged when it ends (its id is
+        # in X-Request-Id); every other one now (access_log.py).
+        if "X-Request-Id" not in response.headers:
+            seconds = time.perf_counter() - g.get("started", time.perf_counter())
+            access_log.request_done(request.method, request.path, response.status_code, seconds)
+        return response
 
     @app.after_serving
     async def stop_generations() -> None:

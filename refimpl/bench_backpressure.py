@@ -68,7 +68,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from .backend import ModelRequest, count_tokens
 from .bench import environment
 from .config import DEFAULT_MODEL
-from .model import simulated_text
+from .model import simulated_text, simulated_token
 from .patterns.backpressure import POLICIES
 from .sse import SSEParser
 
@@ -110,7 +110,7 @@ class Case:
 def coalesce_cap_kib(cap: int) -> int:
     """What a full coalesce buffer can hold (the module docstring says how)."""
     text = simulated_text(ModelRequest(messages=(("user", PROMPT),)).prompt, 0)  # seed 0, the default
-    pending = [text[i % len(text)] for i in range(cap)]
+    pending = [simulated_token(text, i) for i in range(cap)]
     return math.ceil((sys.getsizeof(pending) + sum(map(sys.getsizeof, pending))) / 1024)
 
 

@@ -26,8 +26,8 @@ from .patterns.backpressure import POLICIES
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the streaming server on the simulated model")
     d, s = Config(), Simulate()
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
     p.add_argument("--ttft-ms", type=float, default=s.ttft_ms, help="delay before the first token")
     p.add_argument("--itl-ms", type=float, default=s.itl_ms, help="delay between tokens")
     p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
@@ -122,15 +122,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=d.batch_tokens,
         help="most ready tokens written at once when the model is ahead (1: one write per token)",
     )
-    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument("--model-name", default=d.model_name, help="the one model name served")
+    p.add_argument("--quiet", action="store_true", help="no access log (one line per request)")
 
 
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="stream one answer and print timings")
-    p.add_argument("prompt")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default=Config().model_name)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
+    p.add_argument("--model", default=Config().model_name, help="the model to ask for")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     p.add_argument("--tokens", type=int, default=None, help="simulate: tokens to write")
     p.add_argument("--itl-ms", type=float, default=None, help="simulate: delay between tokens")
     p.add_argument("--ttft-ms", type=float, default=None, help="simulate: delay before the first token")
@@ -167,14 +168,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-async def run_server(config: Config) -> None:
+async def run_server(config: Config, quiet: bool = False) -> None:
     from .app import create_app, serve
 
     # The server's own log lines (a failed generation, a bug) go to stderr.
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.getLogger("refimpl").addHandler(handler)
     logging.getLogger("refimpl").setLevel(logging.INFO)
+    # One line per request and per WebSocket turn (access_log.py), unless --quiet.
+    logging.getLogger("refimpl.access").setLevel(logging.WARNING if quiet else logging.INFO)
 
     # The first SIGINT/SIGTERM starts the drain (patterns/shutdown.py); a
     # second one stops at once.
@@ -274,6 +277,15 @@ async def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """``--help`` of every command and subcommand shows each default."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refimpl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,9 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    _show_defaults(parser)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        trio.run(run_server, config_from_args(args))
+        trio.run(run_server, config_from_args(args), args.quiet)
     elif args.command == "chat":
         sys.exit(trio.run(run_chat, args))
     else:

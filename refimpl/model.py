@@ -56,6 +56,7 @@ __all__ = [
     "TokenStream",
     "count_tokens",
     "simulated_text",
+    "simulated_token",
 ]
 
 # The simulated model writes sentences from this small corpus, chosen by a
@@ -88,6 +89,14 @@ def simulated_text(prompt: str, seed: int) -> list[str]:
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return TOKEN_RE.findall(" ".join(rng.choice(_CORPUS) for _ in range(8)))
+
+
+def simulated_token(text: list[str], n: int) -> str:
+    """Token ``n`` of an answer that cycles through ``text``: where the text
+    starts over, its first word gets a space, so sentences never glue
+    together ("at once. If", not "at once.If")."""
+    token = text[n % len(text)]
+    return " " + token if n >= len(text) and n % len(text) == 0 else token
 
 
 class _SimulatedStream:
@@ -147,7 +156,7 @@ class _SimulatedStream:
         if n >= self._want:
             self.finish_reason = "stop"
             return None
-        token = self._text[n % len(self._text)]
+        token = simulated_token(self._text, n)
         if self._stop:
             token = self._apply_stop(token)
             if token is None:

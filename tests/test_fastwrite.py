@@ -42,7 +42,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
 from refimpl.hypercorn_patches import FastTCPServer
-from refimpl.model import simulated_text
+from refimpl.model import simulated_text, simulated_token
 from refimpl.sse import SSEParser
 
 
@@ -344,7 +344,7 @@ def tokens_in(body: bytes) -> list[str]:
 
 def expected_tokens(n: int) -> list[str]:
     text = simulated_text("Hello", 0)  # chat_body's prompt, the default seed
-    return [text[i % len(text)] for i in range(n)]
+    return [simulated_token(text, i) for i in range(n)]
 
 
 def stream_body(tokens: int) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def parse_simulate(value: Any, defaults: Simulate) -> Simulate:
         if key == "fail_with":
             if v not in FAIL_WITH:
                 raise bad_request(f"'simulate.fail_with' must be one of {sorted(FAIL_WITH)}.", param)
-        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e9):
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1e9):
             raise bad_request(f"'{param}' must be a number from 0 to 1e9.", param)
         elif key in ("tokens", "fail_after_tokens", "seed") and v is not None and v != int(v):
             raise bad_request(f"'{param}' must be an integer.", param)
