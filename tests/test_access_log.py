@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 
 import httpx
 import pytest
 import trio
 from conftest import chat_body
+from test_cli import start_serve
 from test_websocket import chat, finish_turn, open_chat
-
-PY = sys.executable
 
 
 @pytest.fixture
@@ -66,17 +64,9 @@ async def test_each_websocket_turn_is_a_line(server, access):
 
 async def serve_and_request(*flags: str) -> str:
     """Start ``refimpl serve``, make one request, stop it; its stderr."""
-    proc = await trio.lowlevel.open_process(
-        [PY, "-m", "refimpl", "serve", "--port", "0", "--ttft-ms", "0", "--itl-ms", "0", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc, url = await start_serve(*flags, stderr=subprocess.PIPE)
     try:
         with trio.fail_after(30):
-            first_line = b""
-            while not first_line.endswith(b"\n"):
-                first_line += await proc.stdout.receive_some(1)
-            url = first_line.decode().split(" on ")[1].split()[0]
             async with httpx.AsyncClient() as client:
                 await client.post(url + "/v1/chat/completions", json=chat_body(stream=True))
     finally:

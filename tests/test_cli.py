@@ -16,17 +16,23 @@ from refimpl.model import simulated_text
 PY = sys.executable
 
 
-async def test_serve_then_chat_then_ctrl_c():
+async def start_serve(*flags: str, **popen: object) -> tuple[trio.Process, str]:
+    """``refimpl serve --port 0`` as a subprocess, and the URL its first line names."""
     proc = await trio.lowlevel.open_process(
-        [PY, "-m", "refimpl", "serve", "--port", "0", "--ttft-ms", "0", "--itl-ms", "0"],
+        [PY, "-m", "refimpl", "serve", "--port", "0", "--ttft-ms", "0", "--itl-ms", "0", *flags],
         stdout=subprocess.PIPE,
+        **popen,
     )
+    with trio.fail_after(30):
+        first_line = b""
+        while not first_line.endswith(b"\n"):
+            first_line += await proc.stdout.receive_some(1)
+    return proc, first_line.decode().split(" on ")[1].split()[0]
+
+
+async def test_serve_then_chat_then_ctrl_c():
+    proc, url = await start_serve()
     try:
-        with trio.fail_after(30):
-            first_line = b""
-            while not first_line.endswith(b"\n"):
-                first_line += await proc.stdout.receive_some(1)
-        url = first_line.decode().split(" on ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         chat = await trio.run_process(
             [PY, "-m", "refimpl", "chat", "Hello there", "--url", url, "--tokens", "20"],
