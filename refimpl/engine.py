@@ -49,6 +49,7 @@ from typing import Any
 
 import trio
 
+from . import access_log
 from .backend import Backend, ModelError, ModelRequest, TokenStream, count_tokens
 from .metrics import Metrics
 from .patterns import errors
@@ -420,6 +421,7 @@ class Engine:
         elif name == "error":
             self.metrics.errors.labels(reason=detail).inc()
         self._recent[gen.id] = gen
+        access_log.generation_ended(gen, name, detail)
         while len(self._recent) > self._keep:
             self._recent.popitem(last=False)
 

@@ -18,6 +18,10 @@ has two halves:
   :func:`arrivals` draws tokens received against time, one line each, and
   :func:`made_and_read` sets beside each the tokens the model made, from
   the trace (what a client that left cost: lesson 09).
+  Lesson 10 adds :func:`flow_runs`, the tokens made beside the tokens read
+  by the slow readers of ``examples/slow_reader.py`` with the trace's
+  pauses, and :func:`memory`, the server's RSS from ``refimpl bench
+  backpressure``.
 
 Times are seconds since the request was sent (client) or since the trace's
 ``accepted`` event (server); both clocks are monotonic.
@@ -275,3 +279,106 @@ def _server_marks(trace: dict[str, Any]) -> dict[str, list[float]]:
         if event["name"] in _SERVER:
             marks.setdefault(event["name"], []).append(event["at"] - zero)
     return marks
+
+
+def flow_runs(readings: dict[str, Any], traces: dict[str, dict[str, Any]], *, title: str = ""):
+    """One panel per slow reader (a ``refimpl.examples.slow_reader.Reading``),
+    on the client's clock: the tokens the model had made (sampled from the
+    server) above the tokens the client had received; a dotted line where the
+    reader slowed down; the trace's pauses shaded, each from ``paused`` to
+    the next ``resumed`` or the end.  The trace runs on the server's clock
+    (in a notebook, another thread's trio loop), so it is placed by its
+    ``accepted``, taken to be the moment the request was sent (on loopback,
+    a millisecond or two before)."""
+    import matplotlib.pyplot as plt
+
+    cols = len(readings) if len(readings) <= 3 else 2
+    rows = -(-len(readings) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.6 * cols + 0.6, 3.4 * rows), sharex=True, sharey=True, squeeze=False
+    )
+    shade = {"write_blocked": "tab:grey", "buffer_full": "tab:orange"}
+    for ax, (label, reading) in zip(axes.flat, readings.items(), strict=False):
+        events = traces[label]["events"]
+        shift = -events[0]["at"]  # server clock -> client clock: accepted at 0
+        made_t, made_n = zip(*reading.made, strict=True)
+        ax.plot(made_t, made_n, color="tab:orange", label="made (server)")
+        got_t, got_n = zip(*reading.received, strict=True)
+        got_t, got_n = [0, *got_t, reading.ended], [0, *got_n, got_n[-1]]  # held until it ended
+        ax.step(got_t, got_n, where="post", color="tab:blue", label="received (client)")
+        if reading.slowed_at is not None:
+            ax.axvline(reading.slowed_at, color="black", linestyle=":", label="the reader slows down")
+        for i, event in enumerate(events):
+            if event["name"] == "paused":
+                end = next((e for e in events[i + 1 :] if e["name"] != "heartbeat"), events[-1])
+                ax.axvspan(
+                    event["at"] + shift,
+                    end["at"] + shift,
+                    color=shade.get(event["detail"], "tab:grey"),
+                    alpha=0.15,
+                    label=f"paused ({event['detail']})",
+                )
+        last = events[-1]
+        if last["detail"] != "client_disconnect":  # (that one is the reader hanging up)
+            ax.scatter([last["at"] + shift], [last["tokens"]], marker="X", color="tab:red", zorder=3)
+            ax.annotate(
+                f"{last['name']}({last['detail']})",
+                (last["at"] + shift, last["tokens"]),
+                textcoords="offset points",
+                xytext=(-6, 6) if last["tokens"] < 0.8 * ax.get_ylim()[1] else (-8, -14),
+                ha="right" if last["at"] + shift > reading.ended / 2 else "left",
+                fontsize="small",
+                color="tab:red",
+            )
+        if reading.ending == "error":
+            ax.scatter([reading.ended], [reading.tokens], marker="X", color="tab:blue", zorder=3)
+            ax.annotate(
+                f"client: error {reading.error.get('code')}",
+                (reading.ended, reading.tokens),
+                textcoords="offset points",
+                xytext=(0, -16),
+                ha="right",
+                fontsize="small",
+                color="tab:blue",
+            )
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        handles = {h.get_label(): h for h in [*ax.lines, *ax.patches]}
+        ax.legend(handles.values(), handles.keys(), loc="upper left", fontsize="x-small")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tokens")
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds since the request (client)")
+    for ax in axes.flat[len(readings) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def memory(cases: list[Any], *, title: str = ""):
+    """Server RSS growth while a client reads nothing, one panel per protocol
+    and one line per policy (``refimpl.bench_backpressure.Case``s), under
+    each case's limit (dashed): what flat memory looks like."""
+    import matplotlib.pyplot as plt
+
+    protocols = list(dict.fromkeys(case.protocol for case in cases))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 3.2), sharey=True, squeeze=False)
+    names = {"sse": "SSE (HTTP/1.1)", "ws": "WebSocket"}
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        for case in (c for c in cases if c.protocol == protocol):
+            (line,) = ax.plot(
+                [0, *(t for t, _ in case.samples)],
+                [0, *(kib - case.baseline_kib for _, kib in case.samples)],
+                marker=".",
+                label=f"{case.policy}: +{case.growth_kib:,} KiB, {case.tokens_made:,} tokens made",
+            )
+            ax.axhline(case.limit_kib, color=line.get_color(), linestyle="--", linewidth=1)
+        ax.set_title(names.get(protocol, protocol))
+        ax.set_xlabel("seconds since the client stopped reading")
+        ax.legend(loc="center right", fontsize="x-small")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("RSS growth, KiB (dashed: limit)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -326,7 +326,10 @@ class WatchedWrites:
         while True:
             oldest = min(self._writing.values(), default=None)
             now = trio.current_time()
-            if oldest is not None and now - oldest >= limit:
+            # The same sum as the deadline below: ``now - oldest >= limit``
+            # can round just under the limit when the clock lands exactly on
+            # that deadline, and the guard would spin on a deadline passed.
+            if oldest is not None and now >= oldest + limit:
                 return self._drop("stall_timeout")
             # The next moment a write that is waiting now (or one that starts
             # later) could have waited too long.

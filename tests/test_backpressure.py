@@ -44,6 +44,7 @@ from test_websocket import chat, running
 from test_websocket_watchdog import RawPeer
 from wsproto.events import CloseConnection, TextMessage
 
+from refimpl.examples.slow_reader import read_slowly
 from refimpl.model import count_tokens
 from refimpl.sse import SSEParser
 
@@ -209,6 +210,22 @@ async def test_disconnect_ends_a_client_too_slow_for_too_long(start_server, auto
     assert details[-1] == ("cancelled", "slow_consumer")
     assert ("paused", "write_blocked") in details
     assert gen.completion_tokens < 100_000
+
+
+async def test_disconnect_judges_a_steady_slow_reader_over_the_whole_window(start_server, autojump_clock):
+    """30 tokens/s against a minimum of 100 over 2 s, from a model at 200
+    tokens/s: its writes block, then the kernel wakes the writer with half
+    a buffer free and a few writes pass at once, so the trace has pauses of
+    about 1.1-1.4 s with short gaps between.  Judged pause by pause it
+    would never be ended (no pause lasts the window); over the window, the
+    writer was blocked most of the time, and it is."""
+    server = await start_server(min_tokens_per_s=100, slow_window=2, stall_timeout=None)
+    body = chat_body(backpressure="disconnect", simulate={"ttft_ms": 0, "itl_ms": 5, "tokens": 100_000})
+    reading = await read_slowly(server.url, body, fast_for=0.5, tokens_per_s=30, stop_after=30)
+    gen = server.engine.get(reading.id)
+    assert reading.error is not None and reading.error["code"] == "slow_consumer"
+    names = gen.trace.names()
+    assert names[-1] == "cancelled" and gen.trace.events[-1].detail == "slow_consumer"
 
 
 async def test_disconnect_spares_a_fast_client_of_a_slow_model(start_server, autojump_clock):

@@ -29,13 +29,16 @@ compares the three on one workload.
     one hand-off per chunk the pull design otherwise avoids), started in a
     nursery that outlives the response's body generator.
 ``disconnect``
-    Like ``pause``, but a client that keeps the model paused (below) for
-    longer than ``--slow-window`` seconds, taking fewer than
-    ``--min-tokens-per-s`` tokens per second over that window, is ended:
-    error code ``slow_consumer`` (sent if the socket still takes it), trace
-    ``cancelled(slow_consumer)``, then the stream ends (the WebSocket is
-    closed with 1008).  Only a paused model counts, so a slow *model* never
-    gets its client disconnected, however few tokens per second it makes.
+    Like ``pause``, but a client that takes fewer than
+    ``--min-tokens-per-s`` tokens per second over ``--slow-window``
+    seconds, while the writer spent at least half of that window blocked
+    on it, is ended: error code ``slow_consumer`` (sent if the socket still
+    takes it), trace ``cancelled(slow_consumer)``, then the stream ends (the
+    WebSocket is closed with 1008).  Only time blocked on the client counts,
+    so a slow *model* never gets its client disconnected, however few tokens
+    per second it makes; and a reader whose writes unblock now and then
+    (the kernel wakes the writer whenever half its buffer is free) is judged
+    over the whole window, not pause by pause.
 
 A client that reads *nothing* never lets its write return, so no policy can
 act on it from here; the watchdog's stall guard drops it after
@@ -119,6 +122,7 @@ class Pause:
     def __init__(self, gen: Generation) -> None:
         self.gen = gen
         self.sent = 0  # tokens handed to the socket (written once we are back)
+        self.blocked = 0.0  # seconds spent in writes that blocked
         self.paused_since: float | None = None  # when the current pause began
         self._left_at: float | None = None  # when the writer last went off to write
         self._blocked_until = 0.0  # when the last blocked write returned
@@ -126,16 +130,19 @@ class Pause:
         gen.on_end = self._ending
 
     async def pull(self, limit: int, timeout: float = math.inf) -> list[str] | Idle:
-        back, left, self._left_at = trio.current_time(), self._left_at, None
-        self._check(back)
+        back, left = trio.current_time(), self._left_at
+        blocked = left is not None and back - left >= PAUSE_AFTER  # that write waited
+        if blocked:
+            self.blocked += back - left
+        self._check(back)  # (ending it here notes the pause first: _ending)
+        self._left_at = None
         before = self.gen.completion_tokens
         step = await self.gen.pull(limit, timeout)
-        if left is not None and back - left >= PAUSE_AFTER and self.gen.behind:
+        if blocked and self.gen.behind:
             # A write blocked, and the model had tokens for us: it stood still.
             if self.paused_since is None:
                 self.paused_since = left
                 self.gen.trace.record("paused", before, "write_blocked", at=left)
-                self._paused(left)
             self._blocked_until, self._blocked_tokens = back, before
         elif self.paused_since is not None and back - self._blocked_until >= PAUSE_AFTER:
             # No write has blocked for a while: the client keeps up again.
@@ -155,12 +162,8 @@ class Pause:
     def close(self) -> None:
         self.gen.on_end = None
 
-    # What Disconnect adds.
-    def _paused(self, since: float) -> None:
-        pass
-
     def _check(self, back: float) -> None:
-        pass
+        """What Disconnect adds."""
 
 
 # endregion: pause
@@ -170,27 +173,29 @@ class Pause:
 class Disconnect(Pause):
     """``pause``, and a client that stays too slow for too long is ended."""
 
+    #: The share of the window the writer must have spent blocked for the
+    #: client, not the model, to be the one holding the stream back.
+    BLOCKED_SHARE = 0.5
+
     def __init__(self, gen: Generation, min_rate: float, window: float) -> None:
         super().__init__(gen)
         self.min_rate, self.window = min_rate, window
-        # (time, tokens sent) during the current pause, a few per window.
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def _paused(self, since: float) -> None:
-        self._samples = deque([(since, self.sent)])
+        # (time, tokens sent, seconds blocked), a few per window.
+        self._samples: deque[tuple[float, int, float]] = deque()
 
     def _check(self, back: float) -> None:
-        """Back from a write: paused for a whole window, and too slow in it?"""
-        if self.paused_since is None:
-            return
+        """Back from a write: over the last window, was the writer blocked
+        most of the time, and did the client take too few tokens?"""
         samples = self._samples
-        if back - samples[-1][0] >= self.window / 8:
-            samples.append((back, self.sent))
+        if not samples or back - samples[-1][0] >= self.window / 8:
+            samples.append((back, self.sent, self.blocked))
         while len(samples) > 1 and samples[1][0] <= back - self.window:
             samples.popleft()
-        t0, sent0 = samples[0]  # paused all along since then
+        t0, sent0, blocked0 = samples[0]
         span = back - t0
-        if span >= self.window and (self.sent - sent0) / span < self.min_rate:
+        if span < self.window or (self.blocked - blocked0) < self.BLOCKED_SHARE * span:
+            return
+        if (self.sent - sent0) / span < self.min_rate:
             self.gen.cancel("slow_consumer")  # the trace: cancelled(slow_consumer)
             raise SlowConsumer(self.min_rate, self.window)
 
@@ -218,7 +223,10 @@ class Coalesce:
         gen = self.gen
         with self._scope:
             try:
-                while (room := self.cap - len(self._pending)) > 0 or await self._full():
+                while True:
+                    if (room := self.cap - len(self._pending)) <= 0:
+                        await self._full()
+                        continue
                     step = await gen.pull(room)
                     if step is FINISHED:
                         self._outcome = FINISHED
@@ -231,13 +239,12 @@ class Coalesce:
             finally:
                 self._more.set()
 
-    async def _full(self) -> bool:
+    async def _full(self) -> None:
         """At the cap: the model pauses until the writer takes the tokens."""
         self.gen.trace.record("paused", self.gen.completion_tokens, "buffer_full")
         self._room = trio.Event()
         await self._room.wait()
         self.gen.trace.record("resumed", self.gen.completion_tokens)
-        return True
 
     async def pull(self, limit: int, timeout: float = math.inf) -> list[str] | Idle:
         if not self._pending and self._outcome is None:
