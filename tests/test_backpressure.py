@@ -42,7 +42,7 @@ from conftest import chat_body
 from test_fastwrite import expected_tokens, posted
 from test_websocket import chat, running
 from test_websocket_watchdog import RawPeer
-from wsproto.events import CloseConnection, TextMessage
+from wsproto.events import CloseConnection
 
 from refimpl.examples.slow_reader import read_slowly
 from refimpl.model import count_tokens
@@ -262,27 +262,6 @@ async def test_unknown_policy_is_a_400_naming_the_param(server, client):
 
 
 # -- the same on the WebSocket ------------------------------------------------
-async def read_messages(
-    peer: RawPeer, until, pace: float = 0, max_bytes: int = 65536
-) -> tuple[list[dict], list]:
-    messages, others = [], []
-    while not until(messages, others):
-        events = await peer.read(max_bytes)
-        if events == [None]:
-            break
-        for event in events:
-            if isinstance(event, TextMessage):
-                peer.partial += event.data
-                if event.message_finished:
-                    messages.append(json.loads(peer.partial))
-                    peer.partial = ""
-            else:
-                others.append(event)
-        if pace:
-            await trio.sleep(pace)
-    return messages, others
-
-
 def turn_over(messages: list[dict], _others: list) -> bool:
     return bool(messages) and messages[-1]["type"] != "token"
 
@@ -292,13 +271,13 @@ async def test_websocket_pause_and_coalesce_like_sse(start_server, autojump_cloc
     for policy in ("pause", "coalesce"):
         async with await RawPeer.connect(server, rcvbuf=4096) as peer:
             await peer.send(chat(simulate={**PACED, "tokens": 5_000}, backpressure=policy))
-            first, _ = await read_messages(peer, lambda m, o: bool(m), max_bytes=1024)
+            first, _ = await peer.read_until(lambda m, o: bool(m), max_bytes=1024)
             gen = await running(server)
             await trio.sleep(5)
             made = gen.completion_tokens
             await trio.sleep(5)
             assert gen.completion_tokens == made < 5_000
-            rest, _ = await read_messages(peer, turn_over)
+            rest, _ = await peer.read_until(turn_over)
         messages = first + rest
         assert messages[-1]["type"] == "done"
         contents = [m["content"] for m in messages if m["type"] == "token"]
@@ -316,8 +295,8 @@ async def test_websocket_slow_consumer_gets_an_error_then_close_1008(start_serve
     async with await RawPeer.connect(server, rcvbuf=4096) as peer:
         await peer.send(chat(simulate={**PACED, "tokens": 100_000}, backpressure="disconnect"))
         gen = await running(server)
-        messages, others = await read_messages(
-            peer, lambda m, o: any(isinstance(e, CloseConnection) for e in o), pace=0.1, max_bytes=256
+        messages, others = await peer.read_until(
+            lambda m, o: any(isinstance(e, CloseConnection) for e in o), pace=0.1, max_bytes=256
         )
     assert messages[-1]["type"] == "error" and messages[-1]["error"]["code"] == "slow_consumer"
     (close,) = [e for e in others if isinstance(e, CloseConnection)]
@@ -330,5 +309,5 @@ async def test_websocket_unknown_policy_is_an_error_message(start_server):
     server = await start_server(ws_ping_interval=None)
     async with await RawPeer.connect(server) as peer:
         await peer.send(chat(backpressure="drop"))
-        messages, _ = await read_messages(peer, lambda m, o: bool(m))
+        messages, _ = await peer.read_until(lambda m, o: bool(m))
     assert messages[0]["type"] == "error" and messages[0]["error"]["param"] == "backpressure"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -87,17 +88,26 @@ class RawPeer:
 
     async def read_to_the_end(self) -> tuple[list[dict], list]:
         """Every complete message and every other event, until the TCP end."""
-        messages, others = [], []
         with trio.fail_after(30):
-            while (events := await self.read()) != [None]:
-                for event in events:
-                    if isinstance(event, TextMessage):
-                        self.partial += event.data
-                        if event.message_finished:
-                            messages.append(json.loads(self.partial))
-                            self.partial = ""
-                    else:
-                        others.append(event)
+            return await self.read_until(lambda messages, others: False)
+
+    async def read_until(
+        self, done: Callable[[list[dict], list], bool], pace: float = 0, max_bytes: int = 65536
+    ) -> tuple[list[dict], list]:
+        """Complete messages and other events, until ``done(messages,
+        others)`` or the TCP end; ``pace``: seconds to wait between reads."""
+        messages, others = [], []
+        while not done(messages, others) and (events := await self.read(max_bytes)) != [None]:
+            for event in events:
+                if isinstance(event, TextMessage):
+                    self.partial += event.data
+                    if event.message_finished:
+                        messages.append(json.loads(self.partial))
+                        self.partial = ""
+                else:
+                    others.append(event)
+            if pace:
+                await trio.sleep(pace)
         return messages, others
 
 
