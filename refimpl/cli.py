@@ -9,6 +9,7 @@ TTFT, tokens/s and usage); ``refimpl bench`` measures the cost per token
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -286,6 +287,18 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
                 _show_defaults(child)
 
 
+# Errors binding the listening socket, which a user fixes with another --host/--port.
+_LISTEN_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception in a (possibly nested) group: trio and hypercorn nest nurseries."""
+    err: BaseException = group
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    return err
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="refimpl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +310,20 @@ def main(argv: list[str] | None = None) -> None:
     _show_defaults(parser)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        trio.run(run_server, config_from_args(args), args.quiet)
+        config = config_from_args(args)
+        try:
+            trio.run(run_server, config, args.quiet)
+        except* OSError as group:  # the port is taken, most likely: say so, no traceback
+            err = _first_leaf(group)
+            if err.errno not in _LISTEN_ERRORS:
+                raise
+            where = f"{config.host}:{config.port}"
+            if err.errno == errno.EADDRINUSE:
+                sys.exit(
+                    f"refimpl: {where} is already in use (is another `refimpl serve` or `make run`"
+                    f" still running?). Stop it, or choose another port: --port {config.port + 1}"
+                )
+            sys.exit(f"refimpl: cannot listen on {where}: {err.strerror}")
     elif args.command == "chat":
         sys.exit(trio.run(run_chat, args))
     else:

@@ -6,6 +6,7 @@ Both run as real subprocesses, the way the README tells people to run them.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 
@@ -66,3 +67,17 @@ async def test_chat_prints_server_errors(server):
         check=False,
     )
     assert result.returncode == 1 and b"model_not_found" in result.stderr
+
+
+async def test_serve_on_a_taken_port_says_so():
+    """A second `make run` on a busy port: one clear line and exit 1, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await trio.run_process(
+            [PY, "-m", "refimpl", "serve", "--port", str(port)], capture_stderr=True, check=False
+        )
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use".encode() in result.stderr
+    assert b"Traceback" not in result.stderr
