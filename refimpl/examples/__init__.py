@@ -22,10 +22,19 @@ Two kinds live here, and nothing in ``refimpl`` imports either:
   ``sse_tour``      the SSE wire format as a table of bytes -> events (lesson 01)
   ``clients``       httpx-sse and the openai SDK reading our stream (lesson 02)
   ``curl_stream.sh``  the same with curl (lesson 02)
+  ``client_streams``  every Python client people stream with, one function
+                    each: ours, httpx-sse, openai (sync, async), LangChain,
+                    LiteLLM (lesson 04)
+  ``client_timelines``  when each of them hands over each piece, drawn
+                    (notebook 04)
+  ``client_fetch.mjs``  our browser ``fetch()`` reader without a page, the
+                    fixed twin of ``seed_fetch.mjs`` (lesson 04)
   ``midstream_clients``  what openai, LangChain, LiteLLM, httpx-sse and a
                     naive reader each do with a mid-stream ``event: error``,
                     measured (lesson 07)
   ``nginx_proxy``   a real nginx in front of a server, for scripts, notebooks
                     and the command line (lesson 08)
   ``nginx.conf``    its config, tuned for token streams (lesson 08)
+  ``slow_reader``   a client that reads slower than the model writes, at a
+                    pace we set (lesson 10)
 """
