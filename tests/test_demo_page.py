@@ -1,19 +1,47 @@
-"""The demo page in real headless Chromium: Send streams, Stop cancels.
+"""The demo page in real headless Chromium, against a real server.
 
-The page is the first thing a new user sees after ``make run``.  This drives
-it the way they do: click **Send**, watch tokens land, click **Stop**, and the
-trace panel shows the server's ``cancelled(client_disconnect)``.  Chromium is
-Debian's ``/usr/bin/chromium`` (``.ci/run`` installs it), driven by
-Playwright's sync API in a worker thread (the server shares this test's loop).
+The page is the first thing a new user sees after ``make run``.  These tests
+drive it the way they do: set the knobs, pick a protocol, click **Send**,
+watch tokens land, click **Stop**.  Each test proves one promise of the page:
+
+* the live numbers (TTFT, tokens, tokens/s, last ITL) move *while* tokens
+  stream, not only at the end (the bug: the status stayed at "waiting for
+  the first token…" for the whole stream);
+* the WebSocket carries the same text as SSE, turn after turn on one socket;
+* the knobs reach the server (the generation's own ``simulate`` settings);
+* a mid-stream failure, and a request refused before the stream, are shown
+  as errors with their code and message, and the status says "failed";
+* SSE heartbeats (``: ping``) are counted on the page, one for each the
+  server's trace recorded; WebSocket pings are said to be invisible, and
+  drawn from the trace;
+* the timeline SVG holds exactly the trace's events;
+* Stop cancels the generation: ``client_disconnect`` on SSE (the page hangs
+  up), ``client_cancel`` on WebSocket (the page sends a cancel message).
+
+Waits use Playwright's auto-retrying ``expect`` and ``wait_for_function``:
+no sleeps, and no assertion on how long anything took.  Chromium is Debian's
+``/usr/bin/chromium`` (``.ci/run`` installs it), driven by Playwright's sync
+API in a worker thread, since the server shares the test's trio loop.  The
+pings test saves a screenshot to ``bench-results/demo-page.png`` (ignored by
+git) and prints its path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from playwright.sync_api import expect, sync_playwright
+
+from refimpl.model import Simulate
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -24,43 +52,265 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "bench-results" / "demo-page.png"
+ENDED = re.compile(r"^(done|failed|stopped|cancelled)")
+WS_PINGS = "not visible to browser JS on WebSocket"
 
 
-def drive(url: str) -> dict[str, str]:
-    from playwright.sync_api import sync_playwright
+@dataclass
+class Demo:
+    """The page, in the words of the page: knobs, buttons, what it shows."""
 
+    page: Any  # playwright.sync_api.Page
+
+    def knobs(
+        self,
+        *,
+        tokens: int,
+        ttft: int = 0,
+        itl: int = 0,
+        fail_after: int | None = None,
+        fail_with: str = "overloaded",
+    ) -> None:
+        self.page.fill("#tokens", str(tokens))
+        self.page.fill("#ttft", str(ttft))
+        self.page.fill("#itl", str(itl))
+        self.page.fill("#fail-after", "" if fail_after is None else str(fail_after))
+        self.page.select_option("#fail-with", fail_with)
+
+    def protocol(self, name: str) -> None:
+        self.page.check(f"input[name=protocol][value={name}]")
+
+    def text(self, selector: str) -> str:
+        return self.page.text_content(selector) or ""
+
+    def number(self, stat: str) -> int:
+        return int(self.text(f"#stat-{stat}"))
+
+    def turn(self) -> str:
+        """Send, wait for the end and for the finished trace; return the status."""
+        self.page.click("#send")
+        expect(self.page.locator("#status")).to_have_text(ENDED)
+        return self.wait_for_trace()
+
+    def wait_for_trace(self) -> str:
+        last = "#timeline :is([data-event=done], [data-event=error], [data-event=cancelled])"
+        expect(self.page.locator(last)).to_have_count(1)
+        return self.text("#status")
+
+    def generation_id(self) -> str:
+        return self.text("#generation a")
+
+    def timeline(self) -> list[tuple[str, str, int]]:
+        """The events drawn in the SVG: (name, detail, tokens), in order."""
+        return [
+            (e["event"], e["detail"], int(e["tokens"]))
+            for e in self.page.eval_on_selector_all(
+                "#timeline [data-event]", "els => els.map(e => e.dataset)"
+            )
+        ]
+
+
+def in_chromium(url: str, drive: Callable[[Demo], Any]) -> Any:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
-        page.goto(url + "/")
-        text = lambda sel: page.text_content(sel) or ""  # noqa: E731
-        # 1. a long answer, stopped half-way
-        page.fill("#ttft", "0"), page.fill("#itl", "20"), page.fill("#tokens", "2000")
-        page.click("#send")
-        page.wait_for_function("document.getElementById('output').textContent.length > 40")
-        page.click("#stop")
-        page.wait_for_function("document.getElementById('trace').textContent.includes('cancelled')")
-        stopped = {"status": text("#status"), "trace": text("#trace")}
-        # 2. a short answer to the end
-        page.fill("#itl", "0"), page.fill("#tokens", "12")
-        page.click("#send")
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
-        page.wait_for_function("document.getElementById('trace').textContent.includes('done(stop)')")
-        done = {"status": text("#status"), "usage": text("#usage"), "output": text("#output")}
-        browser.close()
-    return {"stopped": stopped, "done": done}
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(url + "/")
+            result = drive(Demo(page))
+            assert not errors, f"JavaScript errors on the page: {errors}"
+            return result
+        finally:
+            browser.close()
 
 
-async def test_send_and_stop_in_chromium(server):
+async def run_page(server, drive: Callable[[Demo], Any]) -> Any:
     if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 (one stat before the test)
         if os.environ.get("CI"):
             pytest.fail("chromium is required in CI (.ci/run installs it)")
         pytest.skip("chromium not installed")
     with trio.fail_after(60):
-        seen = await trio.to_thread.run_sync(drive, server.url, abandon_on_cancel=True)
-    assert seen["stopped"]["status"] == "stopped by you"
-    assert "cancelled(client_disconnect)" in seen["stopped"]["trace"]
-    assert seen["done"]["status"].startswith("done: TTFT") and "12 tokens" in seen["done"]["status"]
-    assert '"completion_tokens":12' in seen["done"]["usage"]
-    assert len(seen["done"]["output"].split()) >= 5
+        return await trio.to_thread.run_sync(partial(in_chromium, server.url, drive), abandon_on_cancel=True)
+
+
+def drawn_as_traced(trace: dict) -> list[tuple[str, str, int]]:
+    """What the timeline must show for this trace: every event, in order."""
+    return [(e["name"], e["detail"] or "", e["tokens"]) for e in trace["events"]]
+
+
+#: The live numbers, read in one go while the page says "streaming…", has at
+#: least ``min`` tokens and a rate (two tokens in one read leave none yet);
+#: null (keep waiting) otherwise.
+LIVE_NUMBERS = """(min) => {
+  const text = (id) => document.getElementById(id).textContent;
+  if (text("status") !== "streaming…" || Number(text("stat-tokens")) < min) return null;
+  if (text("stat-rate") === "—") return null;
+  const stats = ["tokens", "ttft", "rate", "itl"].map((s) => [s, text(`stat-${s}`)]);
+  return Object.fromEntries(stats);
+}"""
+
+
+async def test_status_is_live_while_tokens_stream(server):
+    def drive(demo: Demo) -> dict:
+        demo.knobs(tokens=60, ttft=500, itl=30)
+        demo.page.click("#send")
+        expect(demo.page.locator("#status")).to_have_text("waiting for the first token…")
+        # Two looks while it streams: the count rose between them.
+        early = demo.page.wait_for_function(LIVE_NUMBERS, arg=3).json_value()
+        later = demo.page.wait_for_function(LIVE_NUMBERS, arg=int(early["tokens"]) + 3).json_value()
+        status = demo.wait_for_trace()
+        end = {"status": status, "tokens": demo.text("#stat-tokens"), "id": demo.generation_id()}
+        return {"early": early, "later": later, "end": end, "timeline": demo.timeline()}
+
+    seen = await run_page(server, drive)
+    early, later, end = seen["early"], seen["later"], seen["end"]
+    assert int(early["tokens"]) < int(later["tokens"]) < 60
+    for live in (early, later):
+        assert re.fullmatch(r"\d+ ms", live["ttft"]), live
+        assert re.fullmatch(r"\d+\.\d", live["rate"]), live  # tokens/s
+        assert re.fullmatch(r"\d+ ms", live["itl"]), live  # the last token's ITL
+    assert end["status"].startswith("done: 60 tokens") and end["status"].endswith("finish_reason stop")
+    assert end["tokens"] == "60"
+    trace = await server.trace(end["id"])
+    assert seen["timeline"] == drawn_as_traced(trace)
+    assert seen["timeline"][0][0] == "accepted" and seen["timeline"][-1] == ("done", "stop", 60)
+    assert ("first_token", "", 1) in seen["timeline"]
+
+
+async def test_websocket_shows_the_same_text_as_sse(server):
+    def drive(demo: Demo) -> dict:
+        demo.knobs(tokens=25, itl=5)
+        sse = {"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()}
+        demo.protocol("websocket")
+        ws = [{"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()}]
+        ws.append({"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()})
+        return {"sse": sse, "ws": ws, "pings": demo.text("#stat-pings"), "timeline": demo.timeline()}
+
+    seen = await run_page(server, drive)
+    assert seen["sse"]["status"].startswith("done: 25 tokens")
+    assert len(seen["sse"]["output"].split()) >= 5
+    for turn in seen["ws"]:  # two turns, one socket (the page opens it once)
+        assert turn["status"].startswith("done: 25 tokens")
+        assert turn["output"] == seen["sse"]["output"]
+        assert (await server.trace(turn["id"]))["protocol"] == "websocket"
+    assert (await server.trace(seen["sse"]["id"]))["protocol"] == "sse"
+    assert seen["pings"].startswith(WS_PINGS)
+    assert seen["timeline"] == drawn_as_traced(await server.trace(seen["ws"][1]["id"]))
+
+
+@pytest.mark.parametrize("protocol", ["sse", "websocket"])
+async def test_knobs_reach_the_server(server, protocol):
+    def drive(demo: Demo) -> dict:
+        demo.protocol(protocol)
+        demo.knobs(tokens=7, ttft=3, itl=2)
+        return {"status": demo.turn(), "usage": demo.text("#usage"), "id": demo.generation_id()}
+
+    seen = await run_page(server, drive)
+    gen = server.engine.get(seen["id"])
+    assert gen.request.simulate == Simulate(ttft_ms=3, itl_ms=2, tokens=7)
+    assert (await server.trace(seen["id"]))["completion_tokens"] == 7
+    assert '"completion_tokens":7' in seen["usage"]
+    assert seen["status"].startswith("done: 7 tokens")
+
+
+@pytest.mark.parametrize("protocol", ["sse", "websocket"])
+async def test_a_midstream_failure_is_shown_as_an_error(server, protocol):
+    def drive(demo: Demo) -> dict:
+        demo.protocol(protocol)
+        demo.knobs(tokens=20, itl=5, fail_after=3, fail_with="overloaded")
+        status = demo.turn()
+        expect(demo.page.locator("#error")).to_be_visible()
+        return {
+            "status": status,
+            "code": demo.text("#error-code"),
+            "message": demo.text("#error-message"),
+            "role": demo.page.get_attribute("#error", "role"),
+            "output": demo.text("#output"),
+            "timeline": demo.timeline(),
+            "id": demo.generation_id(),
+        }
+
+    seen = await run_page(server, drive)
+    assert seen["status"] == "failed: overloaded after 3 tokens"
+    assert seen["code"] == "overloaded · server_error"
+    assert seen["message"] == "The model failed while generating (overloaded)."
+    assert seen["role"] == "alert"
+    assert seen["output"]  # the partial text stays, under an error, not a "done"
+    assert seen["timeline"][-1] == ("error", "overloaded", 3)
+    assert seen["timeline"] == drawn_as_traced(await server.trace(seen["id"]))
+
+
+async def test_a_refused_request_is_shown_as_an_error(server):
+    def drive(demo: Demo) -> dict:
+        demo.knobs(tokens=-1)  # simulate.tokens must be >= 0: HTTP 400
+        demo.page.click("#send")
+        expect(demo.page.locator("#error")).to_be_visible()
+        return {"status": demo.text("#status"), "code": demo.text("#error-code"), "timeline": demo.timeline()}
+
+    seen = await run_page(server, drive)
+    assert seen["status"] == "failed: invalid_value after 0 tokens"
+    assert seen["code"] == "HTTP 400 · invalid_value · invalid_request_error"
+    assert seen["timeline"] == []  # no generation, so no trace
+
+
+async def test_pings_are_shown(start_server):
+    # Heartbeats every 0.2 s of silence, and a first token 1.5 s away: the
+    # page must count SSE pings while it waits.  WebSocket pings every 0.2 s
+    # too: the page cannot see them, the trace can.
+    server = await start_server(heartbeat=0.2, ws_ping_interval=0.2)
+
+    def drive(demo: Demo) -> dict:
+        demo.knobs(tokens=30, ttft=1500, itl=20)
+        demo.page.click("#send")
+        waiting = "document.getElementById('status').textContent.startsWith('waiting')"
+        pings = "parseInt(document.getElementById('stat-pings').textContent) >= 2"
+        demo.page.wait_for_function(f"{waiting} && {pings}")
+        sse = {"status": demo.wait_for_trace(), "pings": demo.text("#stat-pings")}
+        sse |= {"timeline": demo.timeline(), "id": demo.generation_id()}
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        demo.page.screenshot(path=SCREENSHOT, full_page=True)
+        demo.protocol("websocket")
+        ws = {"status": demo.turn(), "pings": demo.text("#stat-pings")}
+        ws |= {"timeline": demo.timeline(), "id": demo.generation_id()}
+        return {"sse": sse, "ws": ws}
+
+    seen = await run_page(server, drive)
+    print(f"demo page screenshot: {SCREENSHOT}")
+    sse, ws = seen["sse"], seen["ws"]
+    assert sse["status"].startswith("done: 30 tokens")
+    beats = [e for e in sse["timeline"] if e[0] == "heartbeat"]
+    assert len(beats) >= 2
+    # Every ping the server sent reached the page, and was counted once.
+    assert sse["pings"].startswith(f"{len(beats)} (last at ")
+    assert sse["timeline"] == drawn_as_traced(await server.trace(sse["id"]))
+    assert ws["status"].startswith("done: 30 tokens")
+    assert ws["pings"].startswith(WS_PINGS)
+    assert any(name == "heartbeat" for name, _, _ in ws["timeline"])
+    assert ws["timeline"] == drawn_as_traced(await server.trace(ws["id"]))
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reason"), [("sse", "client_disconnect"), ("websocket", "client_cancel")]
+)
+async def test_stop_cancels_the_generation(server, protocol, reason):
+    def drive(demo: Demo) -> dict:
+        demo.protocol(protocol)
+        demo.knobs(tokens=2000, itl=20)
+        demo.page.click("#send")
+        demo.page.wait_for_function("Number(document.getElementById('stat-tokens').textContent) > 5")
+        demo.page.click("#stop")
+        stopped = {"status": demo.wait_for_trace(), "timeline": demo.timeline(), "id": demo.generation_id()}
+        demo.knobs(tokens=3)  # and the page (on WS: the same socket) takes the next turn
+        return {"stopped": stopped, "next": demo.turn()}
+
+    seen = await run_page(server, drive)
+    stopped = seen["stopped"]
+    assert stopped["status"] == "stopped by you"
+    name, detail, tokens = stopped["timeline"][-1]
+    assert (name, detail) == ("cancelled", reason) and 5 < tokens < 2000
+    trace = await server.trace(stopped["id"])
+    assert stopped["timeline"] == drawn_as_traced(trace)
+    assert seen["next"].startswith("done: 3 tokens")
     assert not server.engine.active

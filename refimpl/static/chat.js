@@ -1,76 +1,131 @@
-// The demo page's client: POST with stream:true, read the body with fetch's
-// reader, parse it with SSEParser, append each token as it arrives.  Stop
-// aborts the fetch, which closes the connection; the server sees the
-// disconnect and cancels the generation (lesson 09) - the trace panel shows it.
-import { SSEParser } from "./sse.js";
+// The demo page: send one chat turn over the chosen protocol, show each token
+// as it arrives with live numbers (TTFT, tokens, tokens/s, last ITL, pings),
+// show a failure as a failure, and when the turn ends draw the server's
+// trace of it.  The pieces, one idea a file:
+//   transport_sse.js   POST + fetch reader + sse.js parser   (lessons 01, 04)
+//   transport_ws.js    the /v1/ws/chat WebSocket              (lesson 03)
+//   stats.js           the live numbers, measured in the browser
+//   timeline.js        the trace as an SVG timeline
+// Both transports return the same outcome objects, so this file does not
+// care which protocol carried the turn.
+import { StreamStats } from "./stats.js";
+import { drawTimeline, traceAsText } from "./timeline.js";
+import { streamOverSSE } from "./transport_sse.js";
+import { streamOverWebSocket } from "./transport_ws.js";
 
 const $ = (id) => document.getElementById(id);
-let controller = null;
+// Each protocol: how to stream a turn, and whether the page can see its
+// heartbeats.  SSE pings are bytes in the body; WebSocket pings are control
+// frames the browser answers itself, never shown to JavaScript.
+const PROTOCOLS = {
+  sse: { stream: streamOverSSE, hiddenPings: null },
+  websocket: {
+    stream: streamOverWebSocket,
+    hiddenPings: "not visible to browser JS on WebSocket (the timeline shows the server's)",
+  },
+};
+let stop = null; // the AbortController of the running turn: Stop aborts it
+
+// The request both protocols send: the prompt and the simulated model's knobs.
+function readRequest() {
+  const number = (id) => Number($(id).value);
+  const simulate = { ttft_ms: number("ttft"), itl_ms: number("itl"), tokens: number("tokens") };
+  if ($("fail-after").value !== "") {
+    simulate.fail_after_tokens = number("fail-after");
+    simulate.fail_with = $("fail-with").value;
+  }
+  return { model: $("model").value, messages: [{ role: "user", content: $("prompt").value }], simulate };
+}
+
+function showStats(view) {
+  for (const [name, text] of Object.entries(view)) $(`stat-${name}`).textContent = text;
+}
 
 async function send() {
-  controller = new AbortController();
-  $("output").textContent = "";
-  $("status").textContent = "waiting for the first token...";
+  const protocol = PROTOCOLS[document.querySelector("input[name=protocol]:checked").value];
+  const stats = new StreamStats(performance.now());
+  const view = () => ({ ...stats.view(), ...(protocol.hiddenPings && { pings: protocol.hiddenPings }) });
+  stop = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
-  const started = performance.now();
-  let first = null, tokens = 0, id = null;
-  const body = {
-    model: $("model").value,
-    stream: true,
-    stream_options: { include_usage: true },
-    messages: [{ role: "user", content: $("prompt").value }],
-    simulate: { ttft_ms: Number($("ttft").value), itl_ms: Number($("itl").value), tokens: Number($("tokens").value) },
+  $("output").textContent = "";
+  $("usage").textContent = "";
+  $("error").hidden = true;
+  $("generation").textContent = "";
+  $("timeline").replaceChildren();
+  $("trace").textContent = "(drawn when the turn ends)";
+  $("status").textContent = "waiting for the first token…";
+  $("status").dataset.ended = "";
+  showStats(view());
+
+  // Every token updates the text and the numbers at once: the status must
+  // move while tokens stream, not only at the end.
+  const on = {
+    token(text) {
+      stats.token(performance.now());
+      $("output").append(text); // appends a text node: no re-parsing of what is there
+      $("status").textContent = "streaming…";
+      showStats(view());
+    },
+    ping() {
+      stats.ping(performance.now());
+      showStats(view());
+    },
   };
+  let outcome;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-      signal: controller.signal,
-    });
-    id = response.headers.get("X-Request-Id");
-    if (!response.ok) throw new Error((await response.json()).error.message);
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    const parser = new SSEParser();
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      for (const event of parser.feed(value)) {
-        if (event.data === "[DONE]") continue;
-        const chunk = JSON.parse(event.data);
-        if (event.type === "error") throw new Error(chunk.error.message);
-        const content = chunk.choices[0]?.delta?.content;
-        if (content) {
-          first ??= performance.now();
-          tokens += 1;
-          $("output").textContent += content;
-        }
-        if (chunk.usage) $("usage").textContent = JSON.stringify(chunk.usage);
-      }
-    }
-    $("status").textContent = `done: TTFT ${(first - started).toFixed(0)} ms, ${tokens} tokens in ${(performance.now() - started).toFixed(0)} ms`;
-  } catch (err) {
-    $("status").textContent = err.name === "AbortError" ? "stopped by you" : `error: ${err.message}`;
+    outcome = await protocol.stream(readRequest(), on, stop.signal);
   } finally {
     $("send").disabled = false;
     $("stop").disabled = true;
-    if (id) showTrace(id);
+  }
+  showOutcome(outcome, stats);
+  if (outcome.id) await showTrace(outcome.id);
+  else $("trace").textContent = "(no generation: the request was refused before it started)";
+}
+
+// How the turn ended, in words.  A failed turn never says "done": its
+// partial text is not an answer (lesson 07).
+function showOutcome(outcome, stats) {
+  $("status").dataset.ended = outcome.ended; // the colour of the status (style.css)
+  if (outcome.usage) $("usage").textContent = JSON.stringify(outcome.usage);
+  if (outcome.id) {
+    const link = Object.assign(document.createElement("a"), {
+      href: `/v1/debug/generations/${outcome.id}`,
+      textContent: outcome.id,
+    });
+    $("generation").replaceChildren("generation ", link);
+  }
+  const seconds = ((performance.now() - stats.startedAt) / 1000).toFixed(2);
+  const tokens = outcome.usage?.completion_tokens ?? stats.tokens;
+  if (outcome.ended === "done") {
+    $("status").textContent = `done: ${tokens} tokens in ${seconds} s, finish_reason ${outcome.finishReason}`;
+  } else if (outcome.ended === "stopped") {
+    $("status").textContent = "stopped by you";
+  } else if (outcome.ended === "cancelled") {
+    $("status").textContent = `cancelled by the server (${outcome.reason})`;
+  } else {
+    const { code, type, message, status } = outcome.error ?? {};
+    $("status").textContent = `failed: ${code ?? "error"} after ${stats.tokens} tokens`;
+    $("error-code").textContent = [status && `HTTP ${status}`, code, type].filter(Boolean).join(" · ");
+    $("error-message").textContent = message ?? "(no message)";
+    $("error").hidden = false;
   }
 }
 
+// Fetch the server's trace and draw it.  A cancel can reach the server a
+// moment after our side has finished, so ask again until the trace is over.
 async function showTrace(id) {
-  // The server may still be recording the cancellation; ask twice.
-  for (let i = 0; i < 10; i++) {
-    const trace = await (await fetch(`/v1/debug/generations/${id}`)).json();
-    const t0 = trace.events[0].at;
-    $("trace").textContent = trace.events
-      .map((e) => `${((e.at - t0) * 1000).toFixed(1).padStart(9)} ms  ${e.name}${e.detail ? `(${e.detail})` : ""}  tokens=${e.tokens}`)
-      .join("\n");
+  for (let attempt = 0; attempt < 20; attempt++) {
+    const response = await fetch(`/v1/debug/generations/${id}`);
+    if (!response.ok) break;
+    const trace = await response.json();
+    drawTimeline($("timeline"), trace);
+    $("trace").textContent = traceAsText(trace);
     if (trace.finished) return;
-    await new Promise((r) => setTimeout(r, 100));
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
 $("send").addEventListener("click", send);
-$("stop").addEventListener("click", () => controller?.abort());
+$("stop").addEventListener("click", () => stop?.abort());

@@ -5,9 +5,12 @@
 // split("\n") reader it handles CRLF and lone CR line endings, a CR at the end
 // of one read and its LF at the start of the next, comments, multi-line data,
 // id and event fields.  TextDecoder({stream: true}) upstream keeps multi-byte
-// characters split across reads intact.
+// characters split across reads intact.  Comments dispatch nothing (§9.2.6),
+// but a page may want to see the server's `: ping` heartbeats: pass
+// `onComment` and it is called with each comment's text ("ping").
 export class SSEParser {
-  constructor() {
+  constructor({ onComment } = {}) {
+    this.onComment = onComment; // optional: called with each comment's text
     this.buffer = ""; // the unfinished last line
     this.data = [];
     this.type = "";
@@ -41,7 +44,11 @@ export class SSEParser {
         this.type = "";
         continue;
       }
-      if (line.startsWith(":")) continue; // a comment: heartbeats
+      if (line.startsWith(":")) {
+        // A comment: ignored by the spec, it is how servers send heartbeats.
+        this.onComment?.(line.slice(1).replace(/^ /, ""));
+        continue;
+      }
       const colon = line.indexOf(":");
       const field = colon === -1 ? line : line.slice(0, colon);
       let value = colon === -1 ? "" : line.slice(colon + 1);

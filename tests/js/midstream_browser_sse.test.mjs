@@ -1,7 +1,7 @@
 // Our browser reader's parser (refimpl/static/sse.js) on a stream that fails
 // after three tokens: it dispatches the tokens, then one event of type
 // "error" whose data is the error object, and no [DONE].  The demo page
-// (refimpl/static/chat.js) throws on that event type.
+// (refimpl/static/transport_sse.js) ends the turn as failed on that event.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { ERROR, FAIL, readEvents, sentBeforeFailure } from "./midstream_server.mjs";
