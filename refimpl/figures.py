@@ -23,12 +23,21 @@ has two halves:
   pauses, and :func:`memory`, the server's RSS from ``refimpl bench
   backpressure``.
 
+The notebooks of lessons 00-03 and 13 add: :func:`visible_text`, the
+answer a reader can see against time (a full response against a streamed
+one); :func:`trace_strip`, traces as a Gantt-like strip of their phases,
+with what the client received above each; :func:`read_cuts`, where the
+network cut a body's bytes, against where its events end; and, for
+``refimpl bench``, :func:`distributions` (histograms with their p50 and
+p99) and :func:`bench_costs` (CPU and reads per token, side by side).
+
 Times are seconds since the request was sent (client) or since the trace's
 ``accepted`` event (server); both clocks are monotonic.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,6 +388,263 @@ def memory(cases: list[Any], *, title: str = ""):
         ax.legend(loc="center right", fontsize="x-small")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("RSS growth, KiB (dashed: limit)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def visible_text(timings: dict[str, Any], *, title: str = ""):
+    """Characters of the answer a reader can see against time, one line per
+    ``refimpl.examples.timing.Timing``: a streamed answer is a staircase
+    from its TTFT, a full one a single cliff at its end."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for label, timing in timings.items():
+        times = [at for at, _ in timing.arrivals]
+        seen = [0]
+        for _, text in timing.arrivals:
+            seen.append(seen[-1] + len(text))
+        (line,) = ax.step([0, *times, timing.e2e], [*seen, seen[-1]], where="post", label=label)
+        ax.scatter([timing.ttft], [seen[1]], color=line.get_color(), zorder=3)
+        ax.annotate(
+            f"TTFT {timing.ttft:.2f} s",
+            (timing.ttft, seen[1]),
+            textcoords="offset points",
+            xytext=(-8, 4),
+            ha="right",
+            color=line.get_color(),
+            fontsize="small",
+        )
+    ax.set_ylim(top=1.2 * ax.get_ylim()[1])  # room for the notes above the last step
+    ax.set_xlabel("seconds since the request")
+    ax.set_ylabel("characters the reader can see")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# How trace_strip draws a generation's phases, and the client's marks above them.
+_PHASES = {
+    "queued": "tab:purple",
+    "waiting for the first token": "lightgrey",
+    "generating": "tab:blue",
+    "paused": "tab:orange",
+}
+_ENDS = {"done": ("s", "black"), "error": ("X", "tab:red"), "cancelled": ("X", "tab:orange")}
+_STRIP_CLIENT = {
+    "token": ("|", "tab:blue"),
+    "ping": ("o", "tab:green"),
+    "done": ("s", "black"),
+    "error": ("X", "tab:red"),
+    "cancelled": ("X", "tab:orange"),
+    "cancel sent": ("^", "tab:orange"),
+}
+_SENT = {"cancel sent"}  # what the client sent: drawn below its strip, not above
+
+
+def _phases(events: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(phase, start, end) spans of one trace, in seconds since ``accepted``."""
+    zero, spans = events[0]["at"], []
+    at = {e["name"]: e["at"] - zero for e in reversed(events)}  # the first of each name
+    end = events[-1]["at"] - zero
+    model_from = at.get("admitted", 0.0)
+    if "queued" in at:
+        spans.append(("queued", at["queued"], at.get("admitted", end)))
+    if "admitted" in at or "queued" not in at:
+        spans.append(("waiting for the first token", model_from, at.get("first_token", end)))
+    if "first_token" in at:
+        spans.append(("generating", at["first_token"], end))
+    for i, event in enumerate(events):
+        if event["name"] == "paused":
+            until = next((e for e in events[i + 1 :] if e["name"] != "heartbeat"), events[-1])
+            spans.append(("paused", event["at"] - zero, until["at"] - zero))
+    return spans
+
+
+def trace_strip(
+    traces: dict[str, dict[str, Any]],
+    runs: dict[str, Recording] | None = None,
+    *,
+    title: str = "",
+):
+    """One row per trace, as a Gantt-like strip: what the generation was
+    doing (queued, waiting for its first token, generating, paused) from
+    ``accepted`` to its end, the end marked and named with the tokens made;
+    heartbeats as dots.  Above a strip, when ``runs`` has its label, what the
+    client received (a tick per token, and its last message), and below it
+    what the client sent (a WebSocket ``cancel sent``), on the client's
+    clock.  The two clocks are lined up at ``accepted``: a
+    recording whose first arrival is the role chunk (kind ``other``, which
+    the server writes the moment it accepted the request) is shifted to put
+    that arrival there; any other is taken to have sent its request at that
+    moment (on loopback a millisecond or two before), as :func:`flow_runs`
+    does."""
+    import matplotlib.pyplot as plt
+
+    runs, legend = runs or {}, {}
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.75 * len(traces)))
+    latest = max(t["events"][-1]["at"] - t["events"][0]["at"] for t in traces.values())
+    for y, (label, trace) in enumerate(reversed(traces.items())):
+        events = trace["events"]
+        zero, last = events[0]["at"], events[-1]
+        for phase, start, end in _phases(events):
+            width = max(end - start, latest / 400)  # an instant still shows
+            legend[phase] = ax.barh(y, width, left=start, height=0.34, color=_PHASES[phase])
+        beats = [e["at"] - zero for e in events if e["name"] == "heartbeat"]
+        if beats:
+            legend["heartbeat"] = ax.scatter(
+                beats, [y] * len(beats), marker="o", color="tab:green", s=30, zorder=3
+            )
+        if last["name"] in _ENDS:
+            marker, color = _ENDS[last["name"]]
+            legend[last["name"]] = ax.scatter(
+                [last["at"] - zero], [y], marker=marker, color=color, s=70, zorder=3
+            )
+            ax.annotate(
+                f"{event_name(last)}, {last['tokens']} tokens",
+                (last["at"] - zero, y),
+                textcoords="offset points",
+                xytext=(8, -4),
+                fontsize="small",
+            )
+        for kind, xs in _client_kinds(runs.get(label)).items():
+            marker, color = _STRIP_CLIENT[kind]
+            size, above = (40 if kind == "token" else 50), kind not in _SENT
+            ys = [y + (0.32 if above else -0.32)] * len(xs)
+            legend[f"client: {kind}"] = ax.scatter(xs, ys, marker=marker, color=color, s=size)
+    ax.set_yticks(range(len(traces)), list(reversed(traces)))
+    ax.set_ylim(-0.6, len(traces) - 0.3)
+    ax.set_xlim(-0.02 * latest, 1.3 * latest)  # room for the names of the ends
+    ax.set_xlabel("seconds since accepted (server) / since the request (client, above each strip)")
+    ax.legend(legend.values(), legend.keys(), loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def event_name(event: dict[str, Any]) -> str:
+    """A trace event as the lessons write it: ``done(stop)``, ``first_token``."""
+    return event["name"] + (f"({event['detail']})" if event["detail"] else "")
+
+
+def _client_kinds(rec: Recording | None) -> dict[str, list[float]]:
+    if rec is None:
+        return {}
+    zero = rec.arrivals[0].at if rec.arrivals and rec.arrivals[0].kind == "other" else 0.0
+    return {kind: [x - zero for x in xs] for kind in _STRIP_CLIENT if (xs := rec.times(kind))}
+
+
+def read_cuts(body: bytes, chunkings: dict[str, list[bytes]], *, title: str = ""):
+    """Where each chunking cut the body (a line per cut, one row each) over
+    where its events end (the shaded bands, one per event): the network
+    cuts anywhere, and a reader must not care."""
+    import matplotlib.pyplot as plt
+
+    ends, start = [], 0
+    while (i := body.find(b"\n\n", start)) != -1:
+        ends.append(start := i + 2)
+    fig, ax = plt.subplots(figsize=(10, 0.8 + 0.5 * len(chunkings)))
+    for k, (lo, hi) in enumerate(itertools.pairwise([0, *ends])):
+        ax.axvspan(lo, hi, color="tab:blue" if k % 2 else "tab:cyan", alpha=0.15, lw=0)
+    for y, chunks in enumerate(reversed(chunkings.values())):
+        cuts, at = [], 0
+        for chunk in chunks[:-1]:
+            cuts.append(at := at + len(chunk))
+        inside = sum(cut not in ends for cut in cuts)
+        ax.vlines(cuts, y - 0.3, y + 0.3, color="black", lw=0.6 if len(cuts) < 200 else 0.2)
+        ax.annotate(
+            f"{len(chunks)} read{'s' if len(chunks) > 1 else ''}, {inside} cut inside an event",
+            (len(body), y),
+            textcoords="offset points",
+            xytext=(6, -3),
+            fontsize="small",
+        )
+    ax.set_yticks(range(len(chunkings)), list(reversed(chunkings)))
+    ax.set_xlim(0, len(body))
+    ax.set_ylim(-0.6, len(chunkings) - 0.4)
+    ax.set_xlabel(f"byte offset in the body ({len(body):,} bytes; shaded: one band per event)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def distributions(
+    panels: dict[str, dict[str, list[float]]], *, unit: str = "ms", scale: float = 1000, title: str = ""
+):
+    """One histogram panel per key, one outline per series in it (seconds,
+    shown times ``scale`` in ``unit``), each series' p50 dashed and p99
+    dotted in its colour.  The axis ends at the largest p99 and a half: a
+    rare long gap would squash the rest, so what lies beyond is left out and
+    counted in the legend instead.  Counts are on a log scale when a panel
+    holds hundreds of samples, so that a tail of a few still shows."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.4), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        scaled = {label: np.asarray(values) * scale for label, values in series.items() if len(values)}
+        right = max(1.5 * np.percentile(v, 99) for v in scaled.values()) or 1.0
+        bins = np.linspace(0, right, 41)
+        for label, values in scaled.items():
+            p50, p99 = np.percentile(values, [50, 99])
+            beyond = int((values > right).sum())
+            more = f", {beyond} beyond" if beyond else ""
+            _, _, (patch,) = ax.hist(
+                values[values <= right],
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                label=f"{label}: p50 {_num(p50)}, p99 {_num(p99)} {unit}\n({len(values):,} samples{more})",
+            )
+            ax.axvline(p50, color=patch.get_edgecolor(), ls="--", lw=1)
+            ax.axvline(p99, color=patch.get_edgecolor(), ls=":", lw=1)
+        log = max(len(v) for v in scaled.values()) >= 200
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel("count (log)" if log else "count")
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel(unit)
+        ax.legend(loc="best", fontsize="x-small")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def bench_costs(results: dict[str, dict[str, Any]], *, title: str = ""):
+    """Grouped bars, one group per scenario and one bar per server
+    (``refimpl.notebook.BenchRun``): the server's CPU per token, and the
+    client's network reads per token (1: one write per event; far below 1:
+    many events per write)."""
+    import matplotlib.pyplot as plt
+
+    servers = list(dict.fromkeys(s for runs in results.values() for s in runs))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    width = 0.8 / len(servers)
+    for ax, (what, unit) in zip(
+        axes,
+        (("cpu_us_per_token", "server CPU per token (µs)"), ("reads_per_token", "client reads per token")),
+        strict=True,
+    ):
+        for k, server in enumerate(servers):
+            xs = [i + (k - (len(servers) - 1) / 2) * width for i in range(len(results))]
+            values = [getattr(runs[server], what) for runs in results.values()]
+            bars = ax.bar(xs, values, width, label=server)
+            ax.bar_label(bars, fmt="%.3g", fontsize="small")
+        ax.set_xticks(range(len(results)), list(results), fontsize="small")
+        ax.set_ylabel(unit)
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

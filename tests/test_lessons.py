@@ -64,7 +64,7 @@ def notebook_link(lesson: Path) -> str:
 
 def has_notebook(lesson: Path) -> bool:
     """Every lesson has a notebook unless its row in lessons/README.md says
-    otherwise (13's says "—": a bench run takes minutes).  A lesson not in
+    otherwise (a "—" in its notebook column; none has one today).  A lesson not in
     the index yet is held to the rule; test_index_links_every_lesson reports
     the missing row."""
     rows = [r for r in INDEX.read_text().splitlines() if r.startswith("|") and f"]({lesson.name})" in r]
