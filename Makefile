@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test notebooks bench lock clean
+.PHONY: run test notebooks bench lock clean exercise check-laptop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("refimpl needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -26,16 +26,30 @@ test: $(NODE_STAMP)
 run: $(STAMP)
 	$(BIN)/refimpl serve
 
+# Two pytest workers, each taking whole files (module fixtures such as the
+# server on port 8000 in test_commands.py start once): the notebooks, which
+# mostly wait on real streams, run beside the rest.  About 3.5 min here.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/refimpl bench
+
+# The workshop (lessons/WORKSHOP.md).  `make exercise N=01` checks your
+# exercises/01-*/exercise.py and says PASS or FAIL; SOLUTION=1 checks the
+# reference solution instead; no N lists the exercises.
+exercise: $(STAMP)
+	@$(BIN)/python exercises/check.py $(N) $(if $(SOLUTION),--solution)
+
+# Is this laptop ready for the workshop?  Starts a server on a free port,
+# streams over SSE, WebSocket and curl, runs an exercise and a notebook.
+check-laptop: $(STAMP)
+	@$(BIN)/python exercises/laptop.py
 
 # Re-pin every dependency to what resolves today (commit the result).
 lock:
