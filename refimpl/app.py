@@ -22,6 +22,7 @@ traceback in the body.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -105,6 +106,8 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     async def note_start() -> None:
         g.started = time.perf_counter()
 
+    worker = str(os.getpid())
+
     @app.after_request
     async def access_line(response: Response) -> Response:
         # A request that made a generation is logged when it ends (its id is
@@ -112,6 +115,10 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         if "X-Request-Id" not in response.headers:
             seconds = time.perf_counter() - g.get("started", time.perf_counter())
             access_log.request_done(request.method, request.path, response.status_code, seconds)
+        # Which process answered: with `refimpl serve --workers N` each worker
+        # keeps its own generations and metrics (workers.py), so a client
+        # that gets a 404 from /v1/debug/generations/{id} can see why.
+        response.headers["X-Refimpl-Worker"] = worker
         return response
 
     @app.after_serving
@@ -147,9 +154,15 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     return app
 
 
-def hypercorn_config(host: str, port: int) -> HypercornConfig:
+def hypercorn_config(
+    host: str, port: int, backlog: int = Config.backlog, *, fd: int | None = None
+) -> HypercornConfig:
+    """hypercorn's settings for ``host:port`` with a listen ``backlog``; or,
+    given ``fd``, for a listening socket this process inherited (hypercorn's
+    ``fd://`` bind: a worker of ``refimpl serve --workers N``, ``workers.py``)."""
     hc = HypercornConfig()
-    hc.bind = [f"{host}:{port}"]
+    hc.bind = [f"{host}:{port}" if fd is None else f"fd://{fd}"]
+    hc.backlog = backlog
     hc.accesslog = None
     hc.errorlog = None  # the server must not print into notebook cells
     return hc
@@ -160,6 +173,8 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
+    backlog: int = Config.backlog,
+    fd: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -169,7 +184,9 @@ async def serve(
     the write fast path unless ``REFIMPL_FASTWRITE=0`` is set in the
     environment, and the watchdog under SSE and WebSocket streams).  When ``shutdown_trigger``
     returns, the running generations are drained (``patterns/shutdown.py``)
-    before hypercorn begins its own shutdown.
+    before hypercorn begins its own shutdown.  ``fd`` serves a listening
+    socket this process inherited instead of binding ``host:port`` (a worker
+    of ``refimpl serve --workers N``: ``workers.py``).
     """
     hypercorn_patches.install()
     trigger = None
@@ -181,7 +198,10 @@ async def serve(
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(
-            app, hypercorn_config(host, port), shutdown_trigger=trigger, task_status=task_status
+            app,
+            hypercorn_config(host, port, backlog, fd=fd),
+            shutdown_trigger=trigger,
+            task_status=task_status,
         )
 
     async with trio.open_nursery() as nursery:

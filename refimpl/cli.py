@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from functools import partial
+from pathlib import Path
 
 import httpx
 import trio
@@ -29,6 +30,24 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     d, s = Config(), Simulate()
     p.add_argument("--host", default=d.host, help="address to listen on")
     p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        type=int,
+        default=1,
+        help="server processes sharing the port (workers.py); each keeps its own generations,"
+        " traces, /metrics and queue",
+    )
+    p.add_argument(
+        "--backlog",
+        metavar="N",
+        type=int,
+        default=d.backlog,
+        help="connections the kernel queues until the server accepts them; the kernel caps it"
+        f" at net.core.somaxconn ({_somaxconn()} here)",
+    )
+    # A worker of --workers N serves the socket its parent bound (workers.py).
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ttft-ms", type=float, default=s.ttft_ms, help="delay before the first token")
     p.add_argument("--itl-ms", type=float, default=s.itl_ms, help="delay between tokens")
     p.add_argument("--tokens", type=int, default=s.tokens, help="tokens per answer")
@@ -127,6 +146,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no access log (one line per request)")
 
 
+def _somaxconn() -> str:
+    try:
+        return Path("/proc/sys/net/core/somaxconn").read_text().strip()
+    except OSError:  # not Linux
+        return "see sysctl kern.ipc.somaxconn"
+
+
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="stream one answer and print timings")
     p.add_argument("prompt", help="the user message")
@@ -149,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         host=args.host,
         port=args.port,
+        backlog=args.backlog,
         model_name=args.model_name,
         simulate=sim,
         heartbeat=args.heartbeat,
@@ -169,12 +196,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-async def run_server(config: Config, quiet: bool = False) -> None:
+async def run_server(config: Config, quiet: bool = False, listen_fd: int | None = None) -> None:
+    """One server process: alone, or a worker of ``--workers N`` serving the
+    listening socket ``listen_fd`` its parent bound (``workers.py``)."""
     from .app import create_app, serve
+    from .workers import announce_ready, stop_when_parent_exits
 
-    # The server's own log lines (a failed generation, a bug) go to stderr.
+    # The server's own log lines (a failed generation, a bug) go to stderr;
+    # a worker's carry its pid, the X-Refimpl-Worker of its responses.
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    fmt = (
+        "%(asctime)s %(levelname)s %(message)s"
+        if listen_fd is None
+        else "%(asctime)s [%(process)d] %(levelname)s %(message)s"
+    )
+    handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
     logging.getLogger("refimpl").addHandler(handler)
     logging.getLogger("refimpl").setLevel(logging.INFO)
     # One line per request and per WebSocket turn (access_log.py), unless --quiet.
@@ -194,16 +230,30 @@ async def run_server(config: Config, quiet: bool = False) -> None:
 
     async with trio.open_nursery() as outer:
         outer.start_soon(watch_signals, outer)
+        if listen_fd is not None:
+            outer.start_soon(stop_when_parent_exits, stop)
         async with trio.open_nursery() as nursery:
             url = await nursery.start(
-                partial(serve, create_app(config), config.host, config.port, shutdown_trigger=stop.wait)
+                partial(
+                    serve,
+                    create_app(config),
+                    config.host,
+                    config.port,
+                    backlog=config.backlog,
+                    fd=listen_fd,
+                    shutdown_trigger=stop.wait,
+                )
             )
-            _print_welcome(config, url)
+            if listen_fd is None:
+                _print_welcome(config, url)
+            else:
+                announce_ready(url)  # the parent prints the welcome
         outer.cancel_scope.cancel()  # the server has stopped: stop listening for signals
 
 
-def _print_welcome(config: Config, url: str) -> None:
-    print(f"refimpl is streaming on {url}  (Ctrl-C to stop)")
+def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
+    processes = f"{workers} workers, " if workers > 1 else ""
+    print(f"refimpl is streaming on {url}  ({processes}Ctrl-C to stop)")
     print(f"  demo page : {url}/")
     print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
     print(
@@ -310,9 +360,19 @@ def main(argv: list[str] | None = None) -> None:
     _show_defaults(parser)
     args = parser.parse_args(argv)
     if args.command == "serve":
+        if args.workers < 1 or args.backlog < 1:
+            parser.error("--workers and --backlog must be at least 1")
         config = config_from_args(args)
         try:
-            trio.run(run_server, config, args.quiet)
+            if args.workers > 1:  # a parent: workers.py starts `refimpl <argv>` N times
+                from .workers import serve_workers
+
+                argv = sys.argv[1:] if argv is None else argv
+                welcome = partial(_print_welcome, config, workers=args.workers)
+                code = serve_workers(config, args.workers, argv, welcome)
+            else:
+                trio.run(run_server, config, args.quiet, args.listen_fd)
+                code = 0
         except* OSError as group:  # the port is taken, most likely: say so, no traceback
             err = _first_leaf(group)
             if err.errno not in _LISTEN_ERRORS:
@@ -324,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                     f" still running?). Stop it, or choose another port: --port {config.port + 1}"
                 )
             sys.exit(f"refimpl: cannot listen on {where}: {err.strerror}")
+        sys.exit(code)
     elif args.command == "chat":
         sys.exit(trio.run(run_chat, args))
     else:

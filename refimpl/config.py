@@ -19,6 +19,12 @@ DEFAULT_MODEL = "refimpl-sim"
 class Config:
     host: str = "127.0.0.1"
     port: int = 8000
+    # Connections the kernel queues on the listening socket until the server
+    # accepts them (listen(2)'s backlog; the kernel caps it at
+    # net.core.somaxconn).  hypercorn's default, 100, overflowed under a
+    # burst of 500 clients: SYNs dropped and retransmitted a second later,
+    # connections failing at set-up.
+    backlog: int = 1024
     model_name: str = DEFAULT_MODEL
     simulate: Simulate = field(default_factory=Simulate)
     # Seconds of silence after which an SSE stream sends ": ping" (lesson 08).
