@@ -80,6 +80,13 @@ class ModelError(Exception):
         self.message = str(self)
 
 
+class Interrupted(Exception):
+    """What a stream's ``next()`` raises when its ``interrupt()`` woke it
+    early: the generation was cancelled while the stream slept (the engine's
+    timer fast path, lesson 13).  Like a trio cancellation, it loses no token:
+    calling ``next()`` again resumes the same wait."""
+
+
 class TokenStream(Protocol):  # see the module docstring
     prompt_tokens: int
     completion_tokens: int

@@ -50,7 +50,7 @@ from typing import Any
 import trio
 
 from . import access_log
-from .backend import Backend, ModelError, ModelRequest, TokenStream, count_tokens
+from .backend import Backend, Interrupted, ModelError, ModelRequest, TokenStream, count_tokens
 from .metrics import Metrics
 from .patterns import errors
 from .patterns.errors import APIError
@@ -116,6 +116,7 @@ class Generation:
         self._stream: TokenStream = _NotStarted(request)
         self._admitted = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._waiter: trio.lowlevel.Task | None = None  # (the clock fast path)
         self._cancel_reason: str | None = None
         self._error: ModelError | None = None
         self._ready_pulls = 0
@@ -194,15 +195,20 @@ class Generation:
         """
         self._raise_pending_error()
         silent_at = trio.current_time() + timeout
-        with trio.CancelScope(deadline=min(silent_at, self._deadline)) as self._scope:
-            if self._cancel_reason is not None:
-                self._scope.cancel()
-            try:
-                await self._admitted.wait()  # queued: a slot first (heartbeats meanwhile)
-                token = await self._stream.next()
-            except Exception as err:
-                self._error = self._failure(err)
-        timed_out, self._scope = self._scope.cancelled_caught, None
+        until = min(silent_at, self._deadline)
+        token, timed_out = None, False
+        if self._admitted.is_set() and (due := self._due()) is not None and due < until:
+            token = await self._next_on_the_clock()  # lesson 13: no cancel scope
+        else:
+            with trio.CancelScope(deadline=until) as self._scope:
+                if self._cancel_reason is not None:
+                    self._scope.cancel()
+                try:
+                    await self._admitted.wait()  # queued: a slot first (heartbeats meanwhile)
+                    token = await self._stream.next()
+                except Exception as err:
+                    self._error = self._failure(err)
+            timed_out, self._scope = self._scope.cancelled_caught, None
         if self._cancel_reason is not None:
             raise GenerationCancelled(self._cancel_reason)
         self._raise_pending_error()
@@ -247,6 +253,28 @@ class Generation:
 
     # endregion: generation-pull
 
+    # -- the timer fast path (lesson 13) ------------------------------------
+    def _due(self) -> float | None:
+        """When the model's next token is due, if its stream can say."""
+        due = getattr(self._stream, "due", None)
+        return None if due is None or self._cancel_reason is not None else due()
+
+    async def _next_on_the_clock(self) -> str | None:
+        """``next()`` without a cancel scope: the token is due before the
+        silence or the deadline could end the wait, so only :meth:`cancel`
+        can, and it wakes us through the stream's ``interrupt()``
+        (``simclock.py``: a scope per token cost as much as the wait)."""
+        self._waiter = trio.lowlevel.current_task()
+        try:
+            return await self._stream.next()
+        except Interrupted:  # cancel() woke us; the caller raises GenerationCancelled
+            return None
+        except Exception as err:
+            self._error = self._failure(err)
+            return None
+        finally:
+            self._waiter = None
+
     def _failure(self, err: Exception) -> ModelError:
         """A ModelError is an expected failure; anything else is a bug."""
         return err if isinstance(err, ModelError) else errors.from_bug(err, self.id)
@@ -281,6 +309,8 @@ class Generation:
         self._end("cancelled", reason)
         if self._scope is not None:
             self._scope.cancel()
+        elif self._waiter is not None:  # asleep in _next_on_the_clock
+            self._stream.interrupt(self._waiter)
 
     # endregion: generation-cancel
 

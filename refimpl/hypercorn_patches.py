@@ -307,18 +307,28 @@ class WatchedWrites:
     async def _watch_over(self) -> None:
         try:
             with self._watch:  # until the stream closes, or we drop it
-                async with trio.open_nursery() as nursery:
-                    for duty in self._duties():
-                        nursery.start_soon(duty)
-                    await trio.sleep_forever()
-        except* trio.Cancelled:
+                await self._do_duties()
+        except BaseException as exc:
             # Not our cancel but hypercorn's: it is giving up on the
             # connection (at shutdown, its graceful_timeout ran out).  A write
             # still under way may be stuck, shielded, and would keep the
             # connection and the server from ever ending: drop it now.
-            if self._writing:
+            if self._writing and _is_cancelled(exc):
                 self._drop("shutdown")
             raise
+
+    async def _do_duties(self) -> None:
+        duties = self._duties()
+        if len(duties) == 1:
+            # One duty (an HTTP stream's stall guard): run it right here.  A
+            # nursery and a second task per request cost ~0.2 ms of the
+            # server's CPU at every request's end (lesson 13).
+            await duties[0]()
+            await trio.sleep_forever()  # it returned: it dropped us; wait for the cancel
+        async with trio.open_nursery() as nursery:
+            for duty in duties:
+                nursery.start_soon(duty)
+            await trio.sleep_forever()
 
     # region: stall-guard
     async def _stall_guard(self) -> None:
@@ -416,6 +426,13 @@ class WatchedHTTPStream(WatchedWrites, HTTPStream):
         if self.watchdog is None:  # not watched: stock behaviour, no timing
             return await super().app_send(message)
         await self._timed(super().app_send, message)
+
+
+def _is_cancelled(exc: BaseException) -> bool:
+    """A trio cancellation, alone or inside a nursery's exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(trio.Cancelled) is not None
+    return isinstance(exc, trio.Cancelled)
 
 
 # -- installing, once, after checking -----------------------------------------

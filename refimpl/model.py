@@ -88,7 +88,16 @@ def simulated_text(prompt: str, seed: int) -> list[str]:
     # UTF-8 refuses to encode; the hash only needs *some* stable bytes.
     digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
-    return TOKEN_RE.findall(" ".join(rng.choice(_CORPUS) for _ in range(8)))
+    # The tokens of the eight sentences joined by spaces, from the corpus's
+    # tokens worked out once (this runs at every request's start).
+    first, *rest = (rng.randrange(len(_CORPUS)) for _ in range(8))
+    return [*_TOKENS[first], *(t for i in rest for t in _SPACED_TOKENS[i])]
+
+
+# Each sentence's tokens, and the same after a space (the space goes with the
+# first token, as TOKEN_RE splits the joined text).
+_TOKENS = [TOKEN_RE.findall(sentence) for sentence in _CORPUS]
+_SPACED_TOKENS = [TOKEN_RE.findall(" " + sentence) for sentence in _CORPUS]
 
 
 def simulated_token(text: list[str], n: int) -> str:
@@ -104,6 +113,7 @@ class _SimulatedStream:
 
     def __init__(self, request: ModelRequest, clock: SharedClock) -> None:
         sim = request.simulate
+        self._clock = clock
         self._sleep_until = clock.sleep_until
         seed = sim.seed if sim.seed is not None else (request.seed or 0)
         self._text = simulated_text(request.prompt, seed)
@@ -135,6 +145,18 @@ class _SimulatedStream:
         return self._take()
 
     # endregion: model-step
+
+    # The engine's timer fast path (simclock.py, lesson 13).
+    def due(self) -> float | None:
+        """When ``next()`` will have the next token, if all it waits for is
+        the shared clock; None: it cannot say."""
+        if not self._clock.attached or self.finish_reason is not None or self._out_of_tokens():
+            return None
+        return self._due
+
+    def interrupt(self, task: trio.lowlevel.Task) -> bool:
+        """Wake ``task``, asleep in ``next()``, with Interrupted."""
+        return self._clock.interrupt(task)
 
     def _out_of_tokens(self) -> bool:
         """The model knows it is finished without another decode step."""

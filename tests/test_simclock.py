@@ -1,7 +1,9 @@
 """The simulated model's shared clock, on trio's virtual clock.
 
-Each sleeper must wake exactly at its deadline (not earlier, not later), in
-deadline order, however the deadlines arrive; a sleeper cancelled while
+Each sleeper must wake at its deadline rounded up to the clock's tick (never
+earlier, at most a tick later: exactly at it with ``tick=0``), in deadline
+order, however the deadlines arrive, and sleepers due within one tick wake
+together; a sleeper cancelled while
 parked must never be woken and must be able to sleep again; and the timer
 task must go away when nobody is waiting.
 """
@@ -18,7 +20,7 @@ from refimpl.simclock import SharedClock
 async def test_sleepers_wake_exactly_at_their_deadlines(autojump_clock):
     woke: list[tuple[str, float]] = []
     async with trio.open_nursery() as nursery:
-        clock = SharedClock()
+        clock = SharedClock(tick=0)
         clock.attach(nursery)
         start = trio.current_time()
 
@@ -33,6 +35,25 @@ async def test_sleepers_wake_exactly_at_their_deadlines(autojump_clock):
     assert sorted(n for n, _ in woke[:2]) == ["a", "a2"] and [n for n, _ in woke[2:]] == ["b", "c"]
     assert dict(woke) == pytest.approx({"a": 1.0, "a2": 1.0, "b": 2.0, "c": 3.0})
     assert clock.sleepers == 0 and not clock._running  # the timer task is gone
+
+
+async def test_deadlines_round_up_to_the_tick_and_wake_together(autojump_clock):
+    """Timer slack: five deadlines in two ticks are two wake-ups, none early."""
+    tick = 0.010
+    woke: dict[float, float] = {}
+    async with trio.open_nursery() as nursery:
+        clock = SharedClock(tick=tick)
+        clock.attach(nursery)
+        base = (int(trio.current_time() / tick) + 1) * tick  # on a tick
+
+        async def sleeper(offset: float) -> None:
+            await clock.sleep_until(base + offset)
+            woke[offset] = trio.current_time() - base
+
+        for offset in (0.001, 0.004, 0.0099, 0.0101, 0.019):
+            nursery.start_soon(sleeper, offset)
+    assert woke == pytest.approx({0.001: 0.01, 0.004: 0.01, 0.0099: 0.01, 0.0101: 0.02, 0.019: 0.02})
+    assert clock.wakeups == 2
 
 
 async def test_cancelled_sleeper_is_skipped_and_can_sleep_again(autojump_clock):
