@@ -10,12 +10,20 @@ event, and each chunk is a plain ``json.dumps`` of the chunk object.  No
 tricks in either direction: it is not tuned, and it is not made slow.
 
 It streams the same thing as ``refimpl serve`` for the bench's request: the
-same token text (``refimpl.model.simulated_text``, cycled the same way), the
-same OpenAI ``chat.completion.chunk`` objects (role chunk, one chunk per
-token, a final chunk, a usage chunk when asked, ``[DONE]``), and the same
-timing knobs (``simulate.ttft_ms``/``itl_ms``/``tokens``, server defaults from
-the command line).  The one difference a reader can see on the wire is the
-line separator: sse-starlette writes CRLF, refimpl LF; both are valid SSE.
+same token text (``refimpl.model.simulated_text``; ``common.events`` notes
+where the cycling differs), the same OpenAI ``chat.completion.chunk`` objects
+(role chunk, one chunk per token, a final chunk, a usage chunk when asked,
+``[DONE]``), and the same timing knobs (``simulate.ttft_ms``/``itl_ms``/
+``tokens``, server defaults from the command line).  The difference a reader
+sees in every event is the line separator: sse-starlette writes CRLF,
+refimpl LF; both are valid SSE.
+
+All of that is ``common.py``, shared with the other two peers; what is left
+here is FastAPI's part (a pydantic model validates the body, once per
+request) and sse-starlette's (``EventSourceResponse`` frames every event and
+runs a ping task and a disconnect listener beside the stream).  Next to
+``starlette_server.py``, which frames the same events by hand on the same
+Starlette and uvicorn, this peer shows what the SSE library costs per token.
 
 Run it the way the bench does::
 
@@ -27,20 +35,12 @@ failures, no auth); lesson 13 explains the comparison.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import secrets
-import time
 from typing import Any
 
+from common import MODELS, Answer, Knobs, events, parse_args
 from fastapi import FastAPI
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
-
-from refimpl.model import count_tokens, simulated_text
-
-MODEL = "refimpl-sim"
 
 
 class Message(BaseModel):
@@ -69,59 +69,22 @@ class ChatRequest(BaseModel):
     simulate: Simulate | None = None
 
 
-def create_app(ttft_ms: float, itl_ms: float, tokens: int) -> FastAPI:
+def sse_starlette_event(data: str) -> dict[str, str]:
+    """One event the way the sse-starlette README yields it: a dict."""
+    return {"data": data}
+
+
+def create_app(knobs: Knobs) -> FastAPI:
     app = FastAPI()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "peer"}],
-        }
+        return MODELS
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest) -> EventSourceResponse:
-        sim = req.simulate or Simulate()
-        ttft = (ttft_ms if sim.ttft_ms is None else sim.ttft_ms) / 1000
-        itl = (itl_ms if sim.itl_ms is None else sim.itl_ms) / 1000
-        want = tokens if sim.tokens is None else sim.tokens
-        if req.max_tokens is not None:
-            want = min(want, req.max_tokens)
-        prompt = "\n".join(m.content for m in req.messages)
-        seed = sim.seed if sim.seed is not None else (req.seed or 0)
-        text = simulated_text(prompt, seed)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        base = {
-            "id": "chatcmpl-" + secrets.token_hex(12),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": req.model,
-            "system_fingerprint": "fp_peer",
-        }
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            out = {**base, "choices": [choice]}
-            if include_usage:
-                out["usage"] = None  # OpenAI sends it on every chunk when asked
-            return out
-
-        async def events():
-            yield {"data": json.dumps(chunk({"role": "assistant", "content": ""}, None))}
-            await asyncio.sleep(ttft)
-            for n in range(want):
-                if n and itl:
-                    await asyncio.sleep(itl)  # one decode step
-                yield {"data": json.dumps(chunk({"content": text[n % len(text)]}, None))}
-            finish = "length" if req.max_tokens is not None and want == req.max_tokens else "stop"
-            yield {"data": json.dumps(chunk({}, finish))}
-            if include_usage:
-                p = count_tokens(prompt)
-                usage = {"prompt_tokens": p, "completion_tokens": want, "total_tokens": p + want}
-                yield {"data": json.dumps({**base, "choices": [], "usage": usage})}
-            yield {"data": "[DONE]"}
-
-        return EventSourceResponse(events())
+        answer = Answer.for_request(req.model_dump(), knobs)
+        return EventSourceResponse(events(answer, sse_starlette_event))
 
     return app
 
@@ -129,15 +92,8 @@ def create_app(ttft_ms: float, itl_ms: float, tokens: int) -> FastAPI:
 def main() -> None:
     import uvicorn
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--ttft-ms", type=float, default=200.0)
-    p.add_argument("--itl-ms", type=float, default=20.0)
-    p.add_argument("--tokens", type=int, default=64)
-    args = p.parse_args()
-    app = create_app(args.ttft_ms, args.itl_ms, args.tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    host, port, knobs = parse_args(__doc__)
+    uvicorn.run(create_app(knobs), host=host, port=port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
