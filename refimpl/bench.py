@@ -1,270 +1,158 @@
-"""``refimpl bench``: what one streamed token costs, next to a peer server.
+"""``refimpl bench``: what streaming costs, in named scenarios, next to peer servers.
 
 Strategy
 --------
-The overhead scenario (lesson 13): N concurrent streams of M tokens with a
-model that takes no time at all (``itl_ms 0``, ``ttft_ms 0``), so everything
-the server spends is *streaming* cost, not model cost.  In one invocation the
-same load runs against two servers:
+A cost means little alone; it means something next to an ordinary server
+doing the same job.  So in one invocation the same load runs against each
+server of ``--servers``, each a fresh subprocess on 127.0.0.1:
 
 * ``refimpl``: this project, Quart-Trio on hypercorn's trio worker;
-* ``peer``: FastAPI + sse-starlette on uvicorn, written the ordinary way,
-  streaming the same tokens in the same chunk format.
+* ``sse-starlette``: FastAPI + sse-starlette on uvicorn, the baseline every
+  ratio is taken against; ``starlette``: a plain Starlette
+  ``StreamingResponse`` on uvicorn; ``quart-asyncio``: Quart on hypercorn's
+  asyncio worker.  Each is written the ordinary way for its stack, streams
+  the same tokens in the same chunk format, and lives in ``bench/peers/``;
+  side by side they show what the framework, the event loop and the SSE
+  library each cost.
 
-This module is the experiment and its report; the instruments (starting and
-stopping the servers, their CPU time from ``/proc``, the load generator with
-its client-side timestamps) are in ``benchload.py``.  One measurement starts
-a fresh server, warms it up (2 short streams), then reads the server's CPU
-time before and after the load and divides by the tokens received.  On a
-two-core machine the client competes with the server for CPU, which distorts
-*latencies*, but the kernel's account of the server's own CPU time is not
-affected by it.  To keep runs comparable the servers run alternately, and
-``--repeat`` reports the median of each number.  The report is a table on
-stdout and a JSON file with the configuration, the machine, every run, the
-medians and the command line that repeats the run.
+The scenarios are ``overhead`` (the default), ``paced`` and ``burst``
+(``bench_scenarios.py``), and two measurements of another kind, ``cancel``
+(alias ``disconnect``: how soon a client's hang-up stops the model) and
+``backpressure`` (alias ``stalled``: the server's memory while a client
+reads nothing).  This module is the command: it runs every server at every
+``--streams``, ``--repeat`` times with the servers' order alternating, so
+that neither always runs on a "warmer" machine, draws a progress bar on
+stderr, prints the table of medians on stdout and writes the results folder
+(``bench_report.py``).  The instruments are in ``benchload.py`` and
+``bench_client.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
+import resource
 import sys
 import time
-from importlib import metadata
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from .benchload import SERVERS, Load, cpu_seconds, run_load, running_server
+from .bench_report import environment, ms, percentile, summarize, table, write_plots, write_results
+from .bench_scenarios import HELP, SCENARIOS, Settings, add_options, measure, settings
+from .benchload import BASELINE, Load
+
+__all__ = ["add_parser", "environment", "ms", "percentile", "run"]  # the stats serve bench_cancel & co.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure cost per token against an sse-starlette peer")
-    p.add_argument("--streams", type=int, default=32, help="concurrent streams (1-1000)")
-    p.add_argument("--tokens", type=int, default=2000, help="content tokens per stream")
-    p.add_argument("--itl-ms", type=float, default=0.0, help="simulated delay between tokens")
-    p.add_argument("--repeat", type=int, default=1, help="runs per server; the median is reported")
-    p.add_argument("--only", choices=SERVERS, help="measure one server only")
-    p.add_argument(
-        "--fastwrite",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="refimpl's hypercorn write fast path (REFIMPL_FASTWRITE)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=64,
-        help="refimpl: most ready tokens per write (1: one write per token, like the peer)",
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for one load run")
-    p.add_argument(
-        "--json", type=Path, default=None, help="results file (default bench-results/bench-<timestamp>.json)"
-    )
+    p = sub.add_parser("bench", help="measure streaming cost against peer servers, by scenario")
+    add_options(p, "overhead")  # `refimpl bench [options]`: the overhead scenario
     p.set_defaults(run=run)
-    # Other scenarios are subcommands of ``bench``, and optional ones: with
-    # none, ``refimpl bench [options]`` is the overhead scenario above.  A
-    # subcommand's own defaults (its ``run``) replace the ones set here.
     from .bench_backpressure import add_parser as add_backpressure_parser  # (they import this module)
     from .bench_cancel import add_parser as add_cancel_parser
 
-    scenarios = p.add_subparsers(dest="scenario", title="other scenarios", metavar="{cancel,backpressure}")
+    scenarios = p.add_subparsers(dest="scenario", title="scenarios")
+    for name in SCENARIOS:
+        add_options(scenarios.add_parser(name, help=HELP[name]), name)
     add_cancel_parser(scenarios)
     add_backpressure_parser(scenarios)
 
 
-async def show_progress(label: str, load: Load, total: int) -> None:
+async def show_progress(label: str, total: int, count: Callable[[], int]) -> None:
     """A one-line progress bar on stderr, redrawn in place (only on a terminal)."""
     if not sys.stderr.isatty():
         print(f"{label} ...", file=sys.stderr, flush=True)
         return
+    started = time.perf_counter()
+
+    def draw(end: str = "") -> None:
+        done = min(count(), total)
+        bar = "#" * (30 * done // total)
+        seconds = time.perf_counter() - started
+        print(f"\r{label} [{bar:<30}] {done:,}/{total:,} tokens {seconds:5.1f} s", end=end, file=sys.stderr)
+
     try:
         while True:
-            done = load.tokens / total
-            bar = "#" * int(30 * done)
-            print(
-                f"\r{label} [{bar:<30}] {load.tokens:,}/{total:,} tokens", end="", file=sys.stderr, flush=True
-            )
+            draw()
             await trio.sleep(0.25)
     finally:
-        print(f"\r{label} [{'#' * 30}] {load.tokens:,}/{total:,} tokens", file=sys.stderr, flush=True)
+        draw("\n")
 
 
-# -- one measurement, and the report ------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 3)
-
-
-async def measure(kind: str, label: str, args: argparse.Namespace) -> dict[str, Any]:
-    async with running_server(kind, args) as (proc, url):
-        warm = argparse.Namespace(**{**vars(args), "streams": 2, "tokens": min(args.tokens, 200)})
-        await run_load(url, warm, Load())  # imports, caches, first connections
-        load = Load()
-        cpu_before = cpu_seconds(proc.pid)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(show_progress, label, load, args.streams * args.tokens)
-            await run_load(url, args, load)
-            nursery.cancel_scope.cancel()
-        cpu = cpu_seconds(proc.pid) - cpu_before
-        wall = time.perf_counter() - load.started
-    return {
-        "server": kind,
-        "streams": args.streams,
-        "tokens": load.tokens,
-        "errors": load.errors,
-        "wall_s": round(wall, 4),
-        "tokens_per_s": round(load.tokens / wall, 1),
-        "server_cpu_s": round(cpu, 6),
-        "cpu_us_per_token": round(cpu / load.tokens * 1e6, 3) if load.tokens else None,
-        "client_reads": load.reads,
-        "ttft_ms_p50": ms(percentile(load.ttft, 50)),
-        "ttft_ms_p99": ms(percentile(load.ttft, 99)),
-        "itl_ms_p50": ms(percentile(load.itl, 50)),
-        "itl_ms_p99": ms(percentile(load.itl, 99)),
-        "e2e_ms_p50": ms(percentile(load.e2e, 50)),
-    }
-
-
-METRICS = (
-    "tokens_per_s",
-    "cpu_us_per_token",
-    "ttft_ms_p50",
-    "ttft_ms_p99",
-    "itl_ms_p50",
-    "itl_ms_p99",
-    "e2e_ms_p50",
-    "client_reads",
-)
-
-
-def summarize(runs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    mine = [r for r in runs if r["server"] == kind]
-    out: dict[str, Any] = {"runs": len(mine), "tokens": mine[0]["tokens"]}
-    for m in METRICS:
-        values = [r[m] for r in mine if r[m] is not None]
-        out[m] = statistics.median(values) if values else None
-    return out
-
-
-def cell(value: float | None) -> str:
-    if value is None:
-        return f"{'-':>14}"
-    return f"{value:>14,.0f}" if value >= 1000 or float(value).is_integer() else f"{value:>14,.2f}"
-
-
-def table(summary: dict[str, dict[str, Any]]) -> str:
-    kinds = list(summary)
-    rows = [f"{'':20}" + "".join(f"{k:>14}" for k in kinds)]
-    for m in ("tokens", *METRICS):
-        cells = "".join(cell(summary[k][m]) for k in kinds)
-        rows.append(f"{m:20}{cells}")
-    return "\n".join(rows)
-
-
-def environment() -> dict[str, Any]:
-    versions = {}
-    for dist in (
-        "trio",
-        "hypercorn",
-        "quart",
-        "quart-trio",
-        "uvicorn",
-        "fastapi",
-        "sse-starlette",
-        "starlette",
-        "httpx",
-        "h11",
-    ):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that repeats this run (what the lesson's table cites)."""
+def command_line(s: Settings) -> str:
+    """The command that repeats this run (what a lesson's table cites)."""
     cmd = (
-        f"refimpl bench --streams {args.streams} --tokens {args.tokens}"
-        f" --itl-ms {args.itl_ms:g} --repeat {args.repeat}"
+        f"refimpl bench {s.scenario} --streams {' '.join(map(str, s.streams))} --tokens {s.tokens}"
+        f" --ttft-ms {s.ttft_ms:g} --itl-ms {s.itl_ms:g} --servers {' '.join(s.servers)}"
+        f" --repeat {s.repeat} --load-procs {s.load_procs}"
     )
-    if args.only:
-        cmd += f" --only {args.only}"
-    if args.batch_tokens != 64:
-        cmd += f" --batch-tokens {args.batch_tokens}"
-    return cmd + ("" if args.fastwrite else " --no-fastwrite")
+    if s.batch_tokens != 64:
+        cmd += f" --batch-tokens {s.batch_tokens}"
+    return cmd + ("" if s.fastwrite else " --no-fastwrite")
+
+
+def enough_files(s: Settings) -> None:
+    """Every stream is a socket at both ends: raise the soft limit on open
+    files as far as the hard one allows (the servers inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * max(s.streams) + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        limit = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 async def run(args: argparse.Namespace) -> int:
-    if not (1 <= args.streams <= 1000 and args.tokens >= 1 and args.repeat >= 1):
-        raise SystemExit("need 1 <= --streams <= 1000, --tokens >= 1, --repeat >= 1")
-    kinds = [args.only] if args.only else list(SERVERS)
-    runs = []
+    s = settings(args)
+    enough_files(s)
+    folder = (
+        getattr(args, "out", None) or Path("bench-results") / f"{s.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    runs: list[dict] = []
+    samples: dict[tuple[str, int], list[Load]] = {}  # every run's, for the plots
+    order = [(r, n) for r in range(s.repeat) for n in s.streams]
+    total = len(order) * len(s.servers)
     timed_out = False
     try:
-        for r in range(args.repeat):
-            # Alternate the order so neither server always runs on a "warmer" machine.
-            for kind in kinds if r % 2 == 0 else kinds[::-1]:
-                runs.append(await measure(kind, f"{kind:>8} run {r + 1}/{args.repeat}", args))
+        for r, streams in order:
+            for server in s.servers if r % 2 == 0 else s.servers[::-1]:
+                label = f"[{len(runs) + 1}/{total}] {server} {streams} streams, run {r + 1}"
+                show = partial(show_progress, label, streams * s.tokens)
+                figures, load = await measure(server, streams, s, show)
+                runs.append({**figures, "run": r + 1})
+                samples.setdefault((server, streams), []).append(load)
     except* trio.TooSlowError:  # the servers are already stopped
         timed_out = True
     if timed_out:
-        print(f"\nerror: a load run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
+        print(f"\nerror: a load run took longer than --timeout {s.timeout:g} s", file=sys.stderr)
         return 2
-    summary = {k: summarize(runs, k) for k in kinds}
-    ratio = None
-    if len(kinds) == 2 and all(summary[k]["cpu_us_per_token"] for k in kinds):
-        ratio = round(summary["refimpl"]["cpu_us_per_token"] / summary["peer"]["cpu_us_per_token"], 3)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    config = {**asdict(s), "baseline": BASELINE}
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command_line(args),
-        "config": {
-            "streams": args.streams,
-            "tokens": args.tokens,
-            "itl_ms": args.itl_ms,
-            "ttft_ms": 0,
-            "repeat": args.repeat,
-            "fastwrite": args.fastwrite,
-            "batch_tokens": args.batch_tokens,
-        },
+        "command": command_line(s),
+        "config": config,
         "machine": environment(),
         "runs": runs,
-        "summary": summary,
-        "ratio_cpu_us_per_token": ratio,
+        "summary": summarize(runs, BASELINE),
     }
-    path = args.json or Path("bench-results") / f"bench-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    result["plots"] = write_plots(folder, samples, result)
+    path = write_results(folder, result)
+    for streams, servers in result["summary"].items():
+        print(
+            f"\n{s.scenario}: {streams} streams x {s.tokens} tokens, ttft {s.ttft_ms:g} ms, itl {s.itl_ms:g} ms;"
+            f" {s.repeat} run(s) each, medians; {os.cpu_count()} CPUs, {s.load_procs} load process(es)"
+        )
+        print(table(servers, BASELINE))
+    if BASELINE in s.servers and len(s.servers) > 1:
+        print(f"\n(×: ratio to {BASELINE}, the same figure)")
     print(
-        f"\n{args.streams} streams x {args.tokens} tokens, itl {args.itl_ms} ms, "
-        f"{args.repeat} run(s) each, medians ({os.cpu_count()} CPUs):"
+        f"$ {result['command']}\nresults: {path}" + "".join(f"\nplot: {folder / p}" for p in result["plots"])
     )
-    print(table(summary))
-    if ratio is not None:
-        print(f"\nserver CPU per token, refimpl / peer: {ratio:.2f}")
-    print(f"results: {path}")
-    errors = [e for r in runs for e in r["errors"]]
+    errors = [e for r in runs for e in r["error_messages"]]
     for e in errors[:10]:
         print(f"error: {e}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if any(r["errors"] for r in runs) else 0

@@ -316,7 +316,11 @@ async def measure(
 
 # -- the command ----------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("backpressure", help="server RSS while a client stops reading (lesson 10)")
+    p = sub.add_parser(
+        "backpressure",
+        aliases=["stalled"],  # what the client does, as the issue names its scenarios
+        help="server RSS while a client stops reading (lesson 10)",
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="how long the client reads nothing")
     p.add_argument("--tokens", type=int, default=200_000, help="tokens the stalled stream asks for")
     p.add_argument("--rcvbuf", type=int, default=4096, help="the client's SO_RCVBUF, bytes")

@@ -91,7 +91,11 @@ EXPECTED = "cancelled(client_disconnect)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cancel", help="measure client disconnect -> cancelled latency (lesson 09)")
+    p = sub.add_parser(
+        "cancel",
+        aliases=["disconnect"],  # what the client does, as the issue names its scenarios
+        help="measure client disconnect -> cancelled latency (lesson 09)",
+    )
     p.add_argument("--count", type=int, default=1000, help=f"disconnects per scenario (1-{MAX_COUNT:,})")
     p.add_argument("--json", type=Path, default=None, help="also save the results to this file")
     p.set_defaults(run=run)

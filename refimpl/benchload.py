@@ -2,33 +2,42 @@
 
 Strategy
 --------
-``bench.py`` decides *what* to measure and reports it; this module holds the
-two instruments it measures with (lesson 13, "What is measured, and where").
+``bench.py`` decides *what* to measure and ``bench_report.py`` reports it;
+this module holds the instruments they measure with (lesson 13, "What is
+measured, and where").
 
-The servers.  Each runs as a subprocess on 127.0.0.1, on a fresh free port:
-``python -m refimpl serve`` (Quart-Trio on hypercorn's trio worker), or the
-peer ``bench/peers/sse_starlette_server.py`` (FastAPI + sse-starlette on
-uvicorn), both with a model that takes no time (``--ttft-ms 0``).  A server
-counts as up once ``GET /v1/models`` answers 200, and it is stopped (SIGTERM,
-then SIGKILL) whatever happens.  Its cost is read from the kernel, not from
-the client's clock: the CPU time of its threads in
-``/proc/PID/task/*/schedstat`` (nanoseconds), which the client competing for
-the same cores does not distort.
+The servers.  Each runs as a subprocess on 127.0.0.1, on a fresh free port,
+with the scenario's model (``--ttft-ms``, ``--itl-ms``, ``--tokens``):
+``python -m refimpl serve --quiet`` (Quart-Trio on hypercorn's trio worker;
+quiet, because no peer writes an access line either) or a peer script in
+``bench/peers/``, each written the ordinary way for its stack and taking the
+same command line (:data:`SERVERS`).  A server counts as up once
+``GET /v1/models`` answers 200, and it is stopped (SIGTERM, then SIGKILL)
+whatever happens.  Its cost is read from the kernel, not from the client's
+clock: the CPU time of its threads in ``/proc/PID/task/*/schedstat``
+(nanoseconds), which the client competing for the same cores does not
+distort, and its resident memory, ``VmRSS`` and ``VmHWM`` (the peak) in
+``/proc/PID/status``.
 
-The load.  This process is the client: one httpx client, N streams, each read
-to the end and parsed with our sans-IO :class:`~refimpl.sse.SSEParser`; every
-content token gets a client-side timestamp when the read that carried it
-returned, from which come TTFT, ITL and end-to-end latency.  A stream that
-ends short, without ``[DONE]`` or with the wrong usage is recorded as an
-error, and the run goes on.
+The load.  One httpx client runs N streams at once, each on a connection of
+its own, read to the end and parsed with our sans-IO
+:class:`~refimpl.sse.SSEParser`; every content token gets a client-side
+timestamp when the read that carried it returned.  httpcore's trace hooks
+stamp when the TCP connect began and when the request's last byte was
+written, so TTFT is counted from that *send* (what the server and the
+network added to the model's own ttft), and again from the *connect* (which
+also holds a connection that waited in the kernel's accept queue).  A stream
+that fails before its response head arrived is a connection set-up failure;
+one that ends short, without ``[DONE]`` or with the wrong usage is an error;
+both are counted and the run goes on.  ``bench_client.py`` runs this same
+load split across several processes.
 
-Everything is bounded: only 127.0.0.1, at most ``--streams`` connections, and
+Everything is bounded: only 127.0.0.1, at most ``streams`` connections, and
 a deadline on starting a server, on stopping it and on a whole load run.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -41,17 +50,37 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import trio
 
 from .sse import SSEParser
 
-SERVERS = ("refimpl", "peer")
-PEER = Path(__file__).resolve().parent.parent / "bench" / "peers" / "sse_starlette_server.py"
+PEERS = Path(__file__).resolve().parent.parent / "bench" / "peers"
+#: The servers the bench can measure: name -> its peer script (refimpl: ``python -m refimpl serve``).
+SERVERS: dict[str, Path | None] = {
+    "refimpl": None,
+    "sse-starlette": PEERS / "sse_starlette_server.py",  # FastAPI + sse-starlette on uvicorn
+    "starlette": PEERS / "starlette_server.py",  # a plain Starlette StreamingResponse on uvicorn
+    "quart-asyncio": PEERS / "quart_asyncio_server.py",  # Quart on hypercorn's asyncio worker
+}
+BASELINE = "sse-starlette"  # the peer every ratio is taken against (the issue's goals)
 HOST = "127.0.0.1"  # the bench never talks to anything else
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One load: ``streams`` streams at once of ``tokens`` tokens each, from a
+    model that waits ``ttft_ms`` before the first and ``itl_ms`` between them."""
+
+    streams: int
+    tokens: int
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    timeout: float = 300.0  # seconds the whole load may take
+    first: int = 0  # the first stream's number (a process running a share of them)
 
 
 # -- the server side -----------------------------------------------------------
@@ -76,24 +105,35 @@ def cpu_seconds(pid: int) -> float:
 # endregion: server-cpu
 
 
-def server_command(kind: str, port: int, tokens: int, itl_ms: float, batch_tokens: int = 64) -> list[str]:
-    knobs = [
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--itl-ms",
-        str(itl_ms),
-        "--ttft-ms",
-        "0",
-        "--tokens",
-        str(tokens),
-    ]
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) from ``/proc/PID/status``: the resident memory now, and
+    the most it has been since the process started (the kernel's "kB" are KiB)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+
+
+def listen_overflows() -> int:
+    """Connections the kernel turned away because a listening socket's accept
+    queue was full (``TcpExt: ListenOverflows`` in ``/proc/net/netstat``).
+    The count is the network namespace's, not one socket's: on a machine
+    doing nothing else during the load, it is the server's."""
+    head, values = (
+        line.split()
+        for line in Path("/proc/net/netstat").read_text().splitlines()
+        if line.startswith("TcpExt:")
+    )
+    return int(dict(zip(head, values, strict=True))["ListenOverflows"])
+
+
+def server_command(kind: str, port: int, plan: Plan, batch_tokens: int = 64) -> list[str]:
+    knobs = ["--host", HOST, "--port", str(port), "--tokens", str(plan.tokens)]
+    knobs += ["--ttft-ms", str(plan.ttft_ms), "--itl-ms", str(plan.itl_ms)]
     if kind == "refimpl":
-        return [sys.executable, "-m", "refimpl", "serve", *knobs, "--batch-tokens", str(batch_tokens)]
-    if not PEER.exists():
-        raise SystemExit(f"the peer server is not at {PEER} (run from a source checkout)")
-    return [sys.executable, str(PEER), *knobs]
+        serve = [sys.executable, "-m", "refimpl", "serve", "--quiet"]
+        return [*serve, *knobs, "--batch-tokens", str(batch_tokens)]
+    if not SERVERS[kind].exists():
+        raise SystemExit(f"the {kind} peer is not at {SERVERS[kind]} (run from a source checkout)")
+    return [sys.executable, str(SERVERS[kind]), *knobs]
 
 
 def free_port() -> int:
@@ -103,12 +143,14 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def running_server(kind: str, args: argparse.Namespace) -> AsyncIterator[tuple[trio.Process, str]]:
+async def running_server(
+    kind: str, plan: Plan, *, batch_tokens: int = 64, fastwrite: bool = True
+) -> AsyncIterator[tuple[trio.Process, str]]:
     """Start one server, wait until it answers, and always stop it."""
     port = free_port()
-    env = {**os.environ, "REFIMPL_FASTWRITE": "1" if args.fastwrite else "0"}
+    env = {**os.environ, "REFIMPL_FASTWRITE": "1" if fastwrite else "0"}
     with tempfile.TemporaryFile() as log:
-        cmd = server_command(kind, port, args.tokens, args.itl_ms, args.batch_tokens)
+        cmd = server_command(kind, port, plan, batch_tokens)
         proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log, env=env)
         try:
             url = f"http://{HOST}:{port}"
@@ -142,35 +184,60 @@ async def wait_until_up(proc: trio.Process, url: str, log: Any) -> None:
 # -- the client side -----------------------------------------------------------
 @dataclass
 class Load:
-    """What the client saw during one load run."""
+    """What the client saw during one load run (times in seconds)."""
 
-    started: float = 0.0
+    started: float = 0.0  # time.perf_counter(): one clock for every process on the machine
+    ended: float = 0.0
+    cpu_s: float = 0.0  # what the client itself spent meanwhile (time.process_time)
     tokens: int = 0
     reads: int = 0  # network reads that delivered bytes (how batched the wire was)
     errors: list[str] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
+    setup_failures: int = 0  # streams that failed before their response head arrived
+    ttft: list[float] = field(default_factory=list)  # from the request sent
+    ttft_from_connect: list[float] = field(default_factory=list)  # from the TCP connect begun
+    connect: list[float] = field(default_factory=list)  # how long the TCP connect took
     itl: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
 
+    @classmethod
+    def merge(cls, loads: list[Self]) -> Self:
+        """The loads of several processes as one: counts added, samples pooled."""
+        out = cls(min(x.started for x in loads), max(x.ended for x in loads))
+        for x in loads:
+            out.tokens += x.tokens
+            out.reads += x.reads
+            out.setup_failures += x.setup_failures
+            out.cpu_s += x.cpu_s
+            for samples in ("errors", "ttft", "ttft_from_connect", "connect", "itl", "e2e"):
+                getattr(out, samples).extend(getattr(x, samples))
+        return out
 
-def request_body(i: int, tokens: int, itl_ms: float) -> dict[str, Any]:
+
+def request_body(i: int, plan: Plan) -> dict[str, Any]:
     return {
         "model": "refimpl-sim",
         "messages": [{"role": "user", "content": f"bench stream {i}"}],
         "stream": True,
         "stream_options": {"include_usage": True},
-        "simulate": {"tokens": tokens, "itl_ms": itl_ms, "ttft_ms": 0},
+        "simulate": {"tokens": plan.tokens, "itl_ms": plan.itl_ms, "ttft_ms": plan.ttft_ms},
     }
 
 
 # region: bench-stream
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], load: Load) -> None:
     """Read one whole stream, stamping every content token when it arrived."""
+    marks: dict[str, float] = {}
+
+    async def trace(event: str, info: dict[str, Any]) -> None:  # httpcore's hooks, e.g.
+        marks.setdefault(event, time.perf_counter())  # "connection.connect_tcp.started"
+
     start = time.perf_counter()
     stamps: list[float] = []
-    parser, done, usage = SSEParser(), False, None
+    parser, head, done, usage, failure = SSEParser(), False, False, None, ""
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        request = {"json": body, "extensions": {"trace": trace}}
+        async with client.stream("POST", url + "/v1/chat/completions", **request) as resp:
+            head = True
             if resp.status_code != 200:
                 load.errors.append(f"HTTP {resp.status_code}")
                 return
@@ -187,14 +254,18 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
                         stamps.append(now)
                         load.tokens += 1
     except httpx.HTTPError as err:  # counted, reported, and the run goes on
-        load.errors.append(f"{type(err).__name__}: {err}")
+        failure = f" ({type(err).__name__}: {err})"
+        load.setup_failures += not head  # no response head: the connection never got going
     want = body["simulate"]["tokens"]
-    if not done or len(stamps) != want or (usage or {}).get("completion_tokens") != want:
-        load.errors.append(
-            f"stream {body['messages'][0]['content']}: {len(stamps)}/{want} tokens, done={done}"
-        )
+    if failure or not done or len(stamps) != want or (usage or {}).get("completion_tokens") != want:
+        name = body["messages"][0]["content"]
+        load.errors.append(f"{name}: {len(stamps)}/{want} tokens, done={done}{failure}")
+    connecting = marks.get("connection.connect_tcp.started", start)
+    if "connection.connect_tcp.complete" in marks:
+        load.connect.append(marks["connection.connect_tcp.complete"] - connecting)
     if stamps:
-        load.ttft.append(stamps[0] - start)
+        load.ttft.append(stamps[0] - marks.get("http11.send_request_body.complete", start))
+        load.ttft_from_connect.append(stamps[0] - connecting)
         load.itl.extend(b - a for a, b in itertools.pairwise(stamps))
         load.e2e.append(time.perf_counter() - start)
 
@@ -202,14 +273,13 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], 
 # endregion: bench-stream
 
 
-async def run_load(url: str, args: argparse.Namespace, load: Load) -> None:
-    limits = httpx.Limits(max_connections=args.streams, max_keepalive_connections=args.streams)
+async def run_load(url: str, plan: Plan, load: Load) -> None:
+    limits = httpx.Limits(max_connections=plan.streams, max_keepalive_connections=plan.streams)
     timeout = httpx.Timeout(30, read=60)
     async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=timeout) as client:
-        with trio.fail_after(args.timeout):
+        with trio.fail_after(plan.timeout):
             async with trio.open_nursery() as nursery:
-                load.started = time.perf_counter()
-                for i in range(args.streams):
-                    nursery.start_soon(
-                        one_stream, client, url, request_body(i, args.tokens, args.itl_ms), load
-                    )
+                load.started, cpu = time.perf_counter(), time.process_time()
+                for i in range(plan.first, plan.first + plan.streams):
+                    nursery.start_soon(one_stream, client, url, request_body(i, plan), load)
+    load.ended, load.cpu_s = time.perf_counter(), time.process_time() - cpu

@@ -29,7 +29,10 @@ one); :func:`trace_strip`, traces as a Gantt-like strip of their phases,
 with what the client received above each; :func:`read_cuts`, where the
 network cut a body's bytes, against where its events end; and, for
 ``refimpl bench``, :func:`distributions` (histograms with their p50 and
-p99) and :func:`bench_costs` (CPU and reads per token, side by side).
+p99), :func:`bench_costs` (CPU and reads per token, side by side), and the
+plots of its results folder: :func:`latency_cdfs` (TTFT and ITL per
+server, tails and all) and :func:`over_concurrency` (a figure's median
+against the number of streams).
 
 Times are seconds since the request was sent (client) or since the trace's
 ``accepted`` event (server); both clocks are monotonic.
@@ -645,6 +648,105 @@ def bench_costs(results: dict[str, dict[str, Any]], *, title: str = ""):
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def latency_cdfs(
+    panels: dict[str, dict[str, list[float]]],
+    *,
+    marks: dict[str, float] | None = None,
+    columns: int = 2,
+    unit: str = "ms",
+    scale: float = 1000,
+    title: str = "",
+):
+    """One panel per key, one CDF per series in it (seconds, shown times
+    ``scale`` in ``unit``): ``refimpl bench``'s TTFT and ITL per server.
+    The y axis is a logit scale, on which p50 to p90 is as far as p90 to p99
+    and p99 to p99.9: the tail, which a linear axis squeezes into its top
+    line, gets as much room as the middle.  ``marks`` draws a dashed line in
+    a panel at what the model alone would take (the configured ttft or itl).
+    The x axis ends at the largest p99.9 and a fifth; the legend gives each
+    series' max, so a long outlier is told, not drawn."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import NullLocator
+
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        left, right = 0.0, 0.0
+        for label, values in series.items():
+            if not len(values):
+                continue
+            v = np.sort(np.asarray(values) * scale)
+            n = len(v)
+            # Every sample at (i + 1/2) / n (never 0 or 1, which logit cannot
+            # place); past a few thousand, 2,000 quantiles spaced evenly on
+            # the logit axis draw the same curve.
+            p = (np.arange(n) + 0.5) / n
+            if n > 4000:
+                lo, hi = np.log(p[0] / (1 - p[0])), np.log(p[-1] / (1 - p[-1]))
+                p = 1 / (1 + np.exp(-np.linspace(lo, hi, 2000)))
+                v = np.quantile(v, p)
+            p50, p99 = np.percentile(values, [50, 99]) * scale
+            left, right = min(left, v[0]), max(right, 1.2 * float(np.percentile(values, 99.9)) * scale)
+            ax.plot(
+                v, p, lw=1.5, label=f"{label}: p50 {_num(p50)}, p99 {_num(p99)}, max {_num(v[-1])} {unit}"
+            )
+        if marks and name in marks:
+            ax.axvline(marks[name] * scale, color="grey", ls="--", lw=1, label="the model alone")
+        ax.set_yscale("logit")
+        ax.yaxis.set_minor_locator(NullLocator())
+        lo, hi = ax.get_ylim()
+        ticks = [q for q in (0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999) if lo <= q <= hi]
+        ax.set_yticks(ticks, [f"p{100 * q:g}" for q in ticks])
+        ax.set_ylim(lo, hi)
+        ax.set_xlim(left, right or 1.0)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("percentile (this many at most x)")
+        ax.legend(loc="lower right", fontsize="x-small")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def over_concurrency(
+    panels: dict[str, dict[str, dict[int, float]]],
+    *,
+    ideal: dict[str, dict[int, float]] | None = None,
+    columns: int = 2,
+    title: str = "",
+):
+    """One panel per figure, one line per server: its value at each number
+    of concurrent streams (``refimpl bench --streams 200 1000 2000``'s
+    medians).  ``ideal`` adds a dashed line to a panel: what a server that
+    added nothing would reach (tokens/s: streams / itl)."""
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        xs = sorted({x for points in series.values() for x in points})
+        for label, points in series.items():
+            mine = [x for x in xs if points.get(x) is not None]
+            ax.plot(mine, [points[x] for x in mine], marker="o", label=label)
+        if ideal and name in ideal:
+            ax.plot(xs, [ideal[name][x] for x in xs], color="grey", ls="--", lw=1, label="ideal")
+        ax.set_xticks(xs)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="x-small")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -28,7 +28,6 @@ The rest keeps a notebook's cells short:
 
 from __future__ import annotations
 
-import argparse
 import queue
 import threading
 import time
@@ -39,7 +38,8 @@ import httpx
 import trio
 
 from .app import create_app, serve
-from .benchload import Load, cpu_seconds, run_load, running_server
+from .bench_scenarios import WARMUP
+from .benchload import Load, Plan, cpu_seconds, run_load, running_server
 from .config import Config
 from .figures import event_name
 
@@ -177,7 +177,7 @@ def trace_times(trace: dict) -> dict[str, float]:
 class BenchRun:
     """What one server did under one load (``refimpl bench``'s numbers)."""
 
-    server: str  # "refimpl" or "peer"
+    server: str  # a name in benchload.SERVERS: "refimpl", "sse-starlette", ...
     load: Load  # the client's samples: .ttft, .itl, .e2e (seconds), .reads, .errors
     cpu_s: float  # the server's CPU time during the load, from the kernel
 
@@ -200,19 +200,12 @@ async def bench_once(
     fastwrite: bool = True,
     timeout: float = 60.0,
 ) -> BenchRun:
-    """One measurement of ``bench.measure`` (a fresh server, two warm-up
-    streams, the server's CPU time around the load), keeping the ``Load``."""
-    args = argparse.Namespace(
-        streams=streams,
-        tokens=tokens,
-        itl_ms=itl_ms,
-        batch_tokens=batch_tokens,
-        fastwrite=fastwrite,
-        timeout=timeout,
-    )
-    async with running_server(server, args) as (proc, url):
-        warm = argparse.Namespace(**{**vars(args), "streams": 2, "tokens": min(tokens, 200)})
-        await run_load(url, warm, Load())
+    """One measurement of ``bench_scenarios.measure`` (a fresh server, two
+    warm-up streams, the server's CPU time around the load), keeping the
+    ``Load``; the load runs in this process."""
+    plan = Plan(streams, tokens, itl_ms=itl_ms, timeout=timeout)
+    async with running_server(server, plan, batch_tokens=batch_tokens, fastwrite=fastwrite) as (proc, url):
+        await run_load(url, WARMUP, Load())
         load, before = Load(), cpu_seconds(proc.pid)
-        await run_load(url, args, load)
+        await run_load(url, plan, load)
         return BenchRun(server, load, cpu_seconds(proc.pid) - before)

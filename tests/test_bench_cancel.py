@@ -27,7 +27,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_bench_keeps_its_options_and_gains_a_cancel_subcommand():
     plain = parse("--streams", "2", "--tokens", "50")
-    assert plain.run is bench.run and (plain.streams, plain.tokens) == (2, 50)
+    assert plain.run is bench.run and (plain.streams, plain.tokens) == ([2], 50)
     assert plain.scenario is None
     cancel = parse("cancel", "--count", "7")
     assert cancel.run is bench_cancel.run and cancel.count == 7 and cancel.json is None
