@@ -15,6 +15,13 @@ server of ``--servers``, each a fresh subprocess on 127.0.0.1:
   side by side they show what the framework, the event loop and the SSE
   library each cost.
 
+With ``--workers 1 2`` refimpl is measured twice, as one process
+(``refimpl``) and as ``refimpl serve --workers 2`` (``refimpl×2``), each a
+column of its own, and a line under the table gives the scaling from one
+worker to two.  The peers stay one process each: uvicorn and hypercorn can
+run several workers too, but the comparison to read is refimpl against the
+peers, and refimpl×2 against refimpl.
+
 The scenarios are ``overhead`` (the default), ``paced`` and ``burst``
 (``bench_scenarios.py``), and two measurements of another kind, ``cancel``
 (alias ``disconnect``: how soon a client's hang-up stops the model) and
@@ -90,6 +97,10 @@ def command_line(s: Settings) -> str:
         f" --ttft-ms {s.ttft_ms:g} --itl-ms {s.itl_ms:g} --servers {' '.join(s.servers)}"
         f" --repeat {s.repeat} --load-procs {s.load_procs}"
     )
+    if s.workers != (1,):
+        cmd += f" --workers {' '.join(map(str, s.workers))}"
+    if s.backlog is not None:
+        cmd += f" --backlog {s.backlog}"
     if s.batch_tokens != 64:
         cmd += f" --batch-tokens {s.batch_tokens}"
     return cmd + ("" if s.fastwrite else " --no-fastwrite")
@@ -114,11 +125,13 @@ async def run(args: argparse.Namespace) -> int:
     runs: list[dict] = []
     samples: dict[tuple[str, int], list[Load]] = {}  # every run's, for the plots
     order = [(r, n) for r in range(s.repeat) for n in s.streams]
-    total = len(order) * len(s.servers)
+    variants = s.variants()  # the columns: refimpl once per --workers, the peers
+    servers = list(variants)
+    total = len(order) * len(servers)
     timed_out = False
     try:
         for r, streams in order:
-            for server in s.servers if r % 2 == 0 else s.servers[::-1]:
+            for server in servers if r % 2 == 0 else servers[::-1]:
                 label = f"[{len(runs) + 1}/{total}] {server} {streams} streams, run {r + 1}"
                 show = partial(show_progress, label, streams * s.tokens)
                 figures, load = await measure(server, streams, s, show)
@@ -129,14 +142,14 @@ async def run(args: argparse.Namespace) -> int:
     if timed_out:
         print(f"\nerror: a load run took longer than --timeout {s.timeout:g} s", file=sys.stderr)
         return 2
-    config = {**asdict(s), "baseline": BASELINE}
+    config = {**asdict(s), "variants": variants, "baseline": BASELINE}
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command_line(s),
         "config": config,
         "machine": environment(),
         "runs": runs,
-        "summary": summarize(runs, BASELINE),
+        "summary": summarize(runs, BASELINE, variants),
     }
     folder.mkdir(parents=True, exist_ok=True)
     result["plots"] = write_plots(folder, samples, result)
@@ -147,8 +160,16 @@ async def run(args: argparse.Namespace) -> int:
             f" {s.repeat} run(s) each, medians; {os.cpu_count()} CPUs, {s.load_procs} load process(es)"
         )
         print(table(servers, BASELINE))
-    if BASELINE in s.servers and len(s.servers) > 1:
+    if BASELINE in s.servers and len(servers) > 1:
         print(f"\n(×: ratio to {BASELINE}, the same figure)")
+    if max(s.workers) > 1 and "refimpl" in s.servers:
+        print(
+            "(refimpl×N: `refimpl serve --workers N`, N processes on one listening socket; its CPU and"
+            " RSS are summed\n over the parent and the workers.  The peers run as one process each:"
+            " uvicorn and hypercorn could run\n several workers, here they do not.  Compare refimpl with"
+            f" the peers, and refimpl×N with refimpl.  Server and\n load generator share these"
+            f" {os.cpu_count()} CPUs: see the client CPU rows.)"
+        )
     print(
         f"$ {result['command']}\nresults: {path}" + "".join(f"\nplot: {folder / p}" for p in result["plots"])
     )

@@ -13,7 +13,11 @@ so that a perfect server scores 0 whatever the scenario.  With ``--repeat
 R`` each figure is the median of R runs, and the issue's goals are ratios
 to the sse-starlette peer taken within one invocation (a shared machine
 drifts between invocations, lesson 13, "Results"): CPU per token, the TTFT
-and ITL tails, delivered tokens/s and memory per stream.
+and ITL tails, delivered tokens/s and memory per stream.  With ``--workers
+1 2``, a line under the table gives refimpl×2 over refimpl, the same
+figures (:data:`SCALING`), and how busy the cores were, server and load
+generator: on a small machine they share the same cores, and a scaling
+figure means little when they were all busy.
 
 The folder (``bench-results/<scenario>-<timestamp>/``, or ``--out``) holds
 ``results.json`` (the settings, the machine, every run, the medians and
@@ -122,6 +126,7 @@ def figures(load: Load, plan: Plan, server: dict[str, Any], clients: list[dict[s
         "listen_overflows": server["listen_overflows"],
         "client_reads": load.reads,
         "client_cpu_share_max": max(c["cpu_share"] for c in clients),
+        "client_cpu_share_total": round(sum(c["cpu_share"] for c in clients), 4),
         "client_lag_ms_p99": max(
             (c["lag_ms_p99"] for c in clients if c["lag_ms_p99"] is not None), default=None
         ),
@@ -150,15 +155,36 @@ ROWS = (
     ("listen queue overflows", "listen_overflows", "int", False),
     ("client reads", "client_reads", "int", False),
     ("client CPU, max share", "client_cpu_share_max", "pct", False),
+    ("client CPU, all processes", "client_cpu_share_total", "pct", False),
     ("client loop lag p99, ms", "client_lag_ms_p99", "num", False),
 )
 RATIOS = tuple(key for _, key, _, ratio in ROWS if ratio)
+#: (label, key): the figures of the scaling line, refimpl with N workers over refimpl.
+SCALING = (
+    ("tokens/s", "tokens_per_s"),
+    ("TTFT added p99", "ttft_added_ms_p99"),
+    ("ITL added p99", "itl_added_ms_p99"),
+    ("CPU µs/token", "cpu_us_per_token"),
+)
 
 
-def summarize(runs: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, dict[str, Any]]]:
+def ratios(mine: dict[str, Any], base: dict[str, Any], keys: tuple[str, ...]) -> dict[str, float | None]:
+    """``mine[key] / base[key]`` for each key; None where either is missing
+    or the base is not above zero."""
+    return {
+        key: round(mine[key] / base[key], 3) if mine[key] is not None and (base.get(key) or 0) > 0 else None
+        for key in keys
+    }
+
+
+def summarize(
+    runs: list[dict[str, Any]], baseline: str, variants: dict[str, tuple[str, int]] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
     """streams -> server -> the median of every figure over its runs, and its
-    ratios to ``baseline`` where the issue asks for one (None where either
-    is missing or the baseline's is not above zero)."""
+    ratios to ``baseline`` where the issue asks for one.  ``variants``
+    (label -> (server, workers), ``Settings.variants``): a server measured
+    with more workers than its fewest also gets ``scaling``, its
+    :data:`SCALING` figures over that one's."""
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for run in runs:
         summary.setdefault(str(run["streams"]), {}).setdefault(run["server"], {"runs": 0})["runs"] += 1
@@ -170,12 +196,15 @@ def summarize(runs: list[dict[str, Any]], baseline: str) -> dict[str, dict[str, 
                 out[key] = statistics.median(values) if values else None
         base = servers.get(baseline, {})
         for out in servers.values():
-            out["ratio"] = {
-                key: round(out[key] / base[key], 3)
-                if out[key] is not None and (base.get(key) or 0) > 0
-                else None
-                for key in RATIOS
-            }
+            out["ratio"] = ratios(out, base, RATIOS)
+        for label, (server, workers) in (variants or {}).items():
+            fewest = min((v for v in variants if variants[v][0] == server), key=lambda v: variants[v][1])
+            if fewest != label and {label, fewest} <= servers.keys():
+                servers[label]["scaling"] = {
+                    "over": fewest,
+                    "workers": [variants[fewest][1], workers],
+                    "ratio": ratios(servers[label], servers[fewest], tuple(key for _, key in SCALING)),
+                }
     return summary
 
 
@@ -203,7 +232,22 @@ def table(servers: dict[str, dict[str, Any]], baseline: str) -> str:
     width = max(16, *(len(c) + 2 for _, cells in rows for c in cells))
     lines = [f"{'':30}" + "".join(f"{k:>{width}}" for k in servers)]
     lines += [f"{label:30}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in rows]
+    lines += [scaling_line(name, s) for name, s in servers.items() if "scaling" in s]
     return "\n".join(lines)
+
+
+def scaling_line(name: str, s: dict[str, Any]) -> str:
+    """``scaling 1→2 workers (refimpl×2 / refimpl): tokens/s ×1.02, ...``, and
+    the cores the server and the load generator kept busy meanwhile."""
+    scaling = s["scaling"]
+    few, many = scaling["workers"]
+    each = ", ".join(
+        f"{what} ×{r:.2f}" if (r := scaling["ratio"][key]) is not None else f"{what} -"
+        for what, key in SCALING
+    )
+    busy = [s["server_cpu_share"], s["client_cpu_share_total"]]
+    cores = "" if None in busy else f"; {name} busy: server {busy[0]:.2f} + load {busy[1]:.2f} cores"
+    return f"scaling {few}→{many} workers ({name} / {scaling['over']}): {each}{cores} of {os.cpu_count()}"
 
 
 # -- the folder ---------------------------------------------------------------------------
@@ -228,13 +272,14 @@ def write_plots(
     from .figures import latency_cdfs, over_concurrency
 
     cfg, summary = result["config"], result["summary"]
+    servers = list(cfg["variants"])  # the columns: refimpl once per --workers, the peers
     panels: dict[str, dict[str, list[float]]] = {}
     marks: dict[str, float] = {}
     for streams in cfg["streams"]:
         for what, attr, model_ms in (("TTFT", "ttft", cfg["ttft_ms"]), ("ITL", "itl", cfg["itl_ms"])):
             name = f"{what}, {streams} streams"
             panels[name] = {
-                s: [x for load in samples[s, streams] for x in getattr(load, attr)] for s in cfg["servers"]
+                s: [x for load in samples[s, streams] for x in getattr(load, attr)] for s in servers
             }
             marks[name] = model_ms / 1000
     title = f"refimpl bench {cfg['scenario']}: {cfg['tokens']} tokens, ttft {cfg['ttft_ms']:g} ms, itl {cfg['itl_ms']:g} ms"
@@ -242,7 +287,7 @@ def write_plots(
     figs = [latency_cdfs(panels, marks=marks, title=f"{title} (from the request sent)")]
     if len(cfg["streams"]) > 1:
         over = {
-            label: {s: {int(n): summary[n][s][key] for n in summary} for s in cfg["servers"]}
+            label: {s: {int(n): summary[n][s][key] for n in summary} for s in servers}
             for label, key in (
                 ("tokens/s delivered", "tokens_per_s"),
                 ("RSS per stream, KiB", "rss_kib_per_stream"),

@@ -18,16 +18,22 @@ own, run the same way against every server of ``--servers``:
 
 Every option changes any of them; ``cancel`` and ``backpressure`` (alias
 ``disconnect`` and ``stalled``) are measurements of another kind, in
-``bench_cancel.py`` and ``bench_backpressure.py``.
+``bench_cancel.py`` and ``bench_backpressure.py``.  ``--workers 1 2`` measures
+refimpl twice, as one process and as ``refimpl serve --workers 2``: each
+value is a column of its own (``refimpl``, ``refimpl×2``, :meth:`Settings.variants`)
+beside the peers, which stay one process each.
 
 One measurement (:func:`measure`) starts the server fresh and warms it up
-(2 short streams from this process: imports, caches, first connections),
+(2 short streams a worker from this process: imports, caches, first
+connections; which worker takes each is the kernel's choice),
 then starts the load processes (``bench_client.py``) and waits until they
 are ready, so that their start-up is not measured.  Then it reads the
 server's CPU time (schedstat), its memory (VmRSS, and VmHWM, the peak the
 kernel keeps) and the kernel's listen-queue overflow count, releases the
 load, samples VmRSS every 50 ms until the load ends, and reads all of it
-again.  The peak is the largest sample, or VmHWM if that rose during the
+again.  The server is its process tree, read once it is up (a parent and
+its workers; one process for the rest), and CPU and memory are sums over
+it.  The peak is the largest sample, or VmHWM if that rose during the
 load (a peak between two samples); the memory *per concurrent stream* is
 the peak minus the RSS before the load, over the streams, which is what
 limits how many streams one server holds.
@@ -52,15 +58,17 @@ from .benchload import (
     Load,
     Plan,
     cpu_seconds,
+    label,
     listen_overflows,
     memory_kib,
+    process_tree,
     run_load,
     running_server,
 )
 
 MAX_STREAMS = 10_000
 RSS_EVERY = 0.05  # seconds between two samples of the server's VmRSS
-WARMUP = Plan(streams=2, tokens=200)  # a model that never waits: over in moments
+WARMUP = Plan(streams=2, tokens=200)  # per worker; a model that never waits: over in moments
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +85,21 @@ class Settings:
     load_procs: int = 1
     fastwrite: bool = True
     batch_tokens: int = 64
+    workers: tuple[int, ...] = (1,)  # refimpl's: one column per value
+    backlog: int | None = None  # refimpl's; None: its own default
     timeout: float = 300.0  # seconds one load may take
 
     def plan(self, streams: int) -> Plan:
         return Plan(streams, self.tokens, self.ttft_ms, self.itl_ms, self.timeout)
+
+    def variants(self) -> dict[str, tuple[str, int]]:
+        """The servers as measured, in order: label -> (server, worker
+        processes); refimpl once per ``--workers`` value, each peer once."""
+        return {
+            label(server, n): (server, n)
+            for server in self.servers
+            for n in (self.workers if server == "refimpl" else (1,))
+        }
 
 
 SCENARIOS = {
@@ -122,6 +141,14 @@ def add_options(p: argparse.ArgumentParser, name: str) -> None:
         help="refimpl's hypercorn write fast path, REFIMPL_FASTWRITE (default on)",
     )
     add("--batch-tokens", type=int, help="refimpl: the most ready tokens per write (default 64)")
+    add(
+        "--workers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="refimpl: serve --workers N; several: a column each, refimpl×N (default 1)",
+    )
+    add("--backlog", type=int, metavar="N", help="refimpl: serve --backlog N (default: refimpl's own)")
     add("--timeout", type=float, help=f"seconds one load may take (default {d.timeout:g})")
     add("--out", type=Path, help="the results folder (default bench-results/<scenario>-<timestamp>/)")
 
@@ -133,7 +160,7 @@ def settings(args: argparse.Namespace) -> Settings:
         for f in fields(Settings)
         if f.name != "scenario" and hasattr(args, f.name)
     }
-    for many in ("streams", "servers"):
+    for many in ("streams", "servers", "workers"):
         if many in given:
             given[many] = tuple(dict.fromkeys(given[many]))  # each once, in the order given
     s = replace(SCENARIOS[args.scenario or "overhead"], **given)
@@ -143,41 +170,50 @@ def settings(args: argparse.Namespace) -> Settings:
         raise SystemExit("need --tokens, --repeat, --batch-tokens >= 1 and --ttft-ms, --itl-ms >= 0")
     if not 1 <= s.load_procs <= min(s.streams):
         raise SystemExit("need 1 <= --load-procs <= the fewest --streams")
+    if min(s.workers) < 1 or (s.backlog is not None and s.backlog < 1):
+        raise SystemExit("need --workers and --backlog >= 1")
+    if s.workers != (1,) and "refimpl" not in s.servers:
+        raise SystemExit("--workers is refimpl's: add refimpl to --servers")
     return s
 
 
 # -- one measurement --------------------------------------------------------------------
 async def measure(
-    server: str, streams: int, s: Settings, show: Callable[[Callable[[], int]], Awaitable[None]]
+    variant: str, streams: int, s: Settings, show: Callable[[Callable[[], int]], Awaitable[None]]
 ) -> tuple[dict[str, Any], Load]:
-    """``server`` under ``streams`` streams: its figures (``bench_report.figures``)
-    and the clients' samples.  ``show(count)`` draws progress until cancelled."""
+    """The server ``variant`` (a label of :meth:`Settings.variants`) under
+    ``streams`` streams: its figures (``bench_report.figures``) and the
+    clients' samples.  ``show(count)`` draws progress until cancelled."""
     plan = s.plan(streams)
-    server_up = running_server(server, plan, batch_tokens=s.batch_tokens, fastwrite=s.fastwrite)
+    server, workers = s.variants()[variant]
+    knobs = {"batch_tokens": s.batch_tokens, "fastwrite": s.fastwrite, "backlog": s.backlog}
+    server_up = running_server(server, plan, workers=workers, **knobs)
     async with load_processes(plan, s.load_procs) as procs, server_up as (proc, url):
-        await run_load(url, WARMUP, Load())
+        pids = process_tree(proc.pid)  # up: with --workers, every worker serves
+        await run_load(url, replace(WARMUP, streams=WARMUP.streams * workers), Load())
         await procs.ready()
-        rss_before, hwm_before = memory_kib(proc.pid)
+        rss_before, hwm_before = memory_kib(*pids)
         samples = [rss_before]
-        overflows_before, cpu_before = listen_overflows(), cpu_seconds(proc.pid)
+        overflows_before, cpu_before = listen_overflows(), cpu_seconds(*pids)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show, lambda: procs.tokens)
-            nursery.start_soon(sample_rss, proc.pid, samples)
+            nursery.start_soon(sample_rss, pids, samples)
             load, clients = await procs.run(url)
             nursery.cancel_scope.cancel()
         readings = {
-            "cpu_s": cpu_seconds(proc.pid) - cpu_before,
+            "cpu_s": cpu_seconds(*pids) - cpu_before,
             "listen_overflows": listen_overflows() - overflows_before,
             "rss_before_kib": rss_before,
         }
-        rss_after, hwm_after = memory_kib(proc.pid)
+        rss_after, hwm_after = memory_kib(*pids)
     # VmHWM is the peak since the server started: it says something about
     # the load only if the load raised it (a peak between two samples).
     readings["rss_peak_kib"] = max(*samples, rss_after, hwm_after if hwm_after > hwm_before else 0)
-    return {"server": server, "streams": streams, **figures(load, plan, readings, clients)}, load
+    run = {"server": variant, "streams": streams, "workers": workers, "server_pids": pids}
+    return {**run, **figures(load, plan, readings, clients)}, load
 
 
-async def sample_rss(pid: int, samples: list[int]) -> None:
+async def sample_rss(pids: list[int], samples: list[int]) -> None:
     while True:
         await trio.sleep(RSS_EVERY)
-        samples.append(memory_kib(pid)[0])
+        samples.append(memory_kib(*pids)[0])

@@ -9,15 +9,19 @@ measured, and where").
 The servers.  Each runs as a subprocess on 127.0.0.1, on a fresh free port,
 with the scenario's model (``--ttft-ms``, ``--itl-ms``, ``--tokens``):
 ``python -m refimpl serve --quiet`` (Quart-Trio on hypercorn's trio worker;
-quiet, because no peer writes an access line either) or a peer script in
-``bench/peers/``, each written the ordinary way for its stack and taking the
-same command line (:data:`SERVERS`).  A server counts as up once
-``GET /v1/models`` answers 200, and it is stopped (SIGTERM, then SIGKILL)
+quiet, because no peer writes an access line either), with ``--workers N``
+a parent and N worker processes sharing one listening socket
+(``workers.py``), or a peer script in ``bench/peers/``, each written the
+ordinary way for its stack, one process, taking the same command line
+(:data:`SERVERS`).  A server counts as up once ``GET /v1/models`` answers
+200, and with workers once the parent has printed its welcome, which it
+does when every worker serves; it is stopped (SIGTERM, then SIGKILL)
 whatever happens.  Its cost is read from the kernel, not from the client's
-clock: the CPU time of its threads in ``/proc/PID/task/*/schedstat``
-(nanoseconds), which the client competing for the same cores does not
-distort, and its resident memory, ``VmRSS`` and ``VmHWM`` (the peak) in
-``/proc/PID/status``.
+clock, for the server's whole process tree (:func:`process_tree`): the CPU
+time of every thread in ``/proc/PID/task/*/schedstat`` (nanoseconds),
+which the client competing for the same cores does not distort, and the
+resident memory, ``VmRSS`` and ``VmHWM`` (the peak) in
+``/proc/PID/status``, each summed over the processes.
 
 The load.  One httpx client runs N streams at once, each on a connection of
 its own, read to the end and parsed with our sans-IO
@@ -85,8 +89,8 @@ class Plan:
 
 # -- the server side -----------------------------------------------------------
 # region: server-cpu
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used (all its threads), from the kernel.
+def cpu_seconds(*pids: int) -> float:
+    """CPU time processes have used (all their threads), from the kernel.
 
     ``/proc/PID/task/TID/schedstat`` counts each thread's time on a CPU in
     nanoseconds; ``/proc/PID/stat`` (utime + stime, fields 14 and 15) only in
@@ -94,22 +98,52 @@ def cpu_seconds(pid: int) -> float:
     the fallback where schedstat is missing.  The command name (field 2) may
     contain spaces, so ``stat`` is split after its closing parenthesis.
     """
-    try:
-        tasks = Path(f"/proc/{pid}/task").iterdir()
-        return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
-    except (OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    total = 0.0
+    for pid in pids:  # one server's process tree: a parent and its workers
+        try:
+            tasks = Path(f"/proc/{pid}/task").iterdir()
+            total += sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
+        except (OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 # endregion: server-cpu
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) from ``/proc/PID/status``: the resident memory now, and
-    the most it has been since the process started (the kernel's "kB" are KiB)."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it, parents first: for
+    ``refimpl serve --workers N``, the parent and its N workers.  Each
+    process's parent is field 4 of its ``/proc/PID/stat`` (this kernel has no
+    ``/proc/PID/task/TID/children``, which needs ``CONFIG_PROC_CHILDREN``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # it exited while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree = [pid]
+    for p in tree:  # the list grows as it is walked: breadth first
+        tree.extend(sorted(children.get(p, [])))
+    return tree
+
+
+def memory_kib(*pids: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) from ``/proc/PID/status``, summed over ``pids``: the
+    resident memory now, and the most it has been since each process started
+    (the kernel's "kB" are KiB).  For several processes the sum of their
+    peaks is an upper bound of the peak of their sum: each may have peaked
+    at another moment (under a load that holds every stream at once, they
+    peak together)."""
+    rss = hwm = 0
+    for pid in pids:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        status = dict(line.split(":", 1) for line in lines)
+        rss += int(status["VmRSS"].split()[0])
+        hwm += int(status["VmHWM"].split()[0])
+    return rss, hwm
 
 
 def listen_overflows() -> int:
@@ -125,11 +159,21 @@ def listen_overflows() -> int:
     return int(dict(zip(head, values, strict=True))["ListenOverflows"])
 
 
-def server_command(kind: str, port: int, plan: Plan, batch_tokens: int = 64) -> list[str]:
+def label(kind: str, workers: int = 1) -> str:
+    """A server's name in the table, the JSON and the plots: ``refimpl×2`` is
+    ``refimpl serve --workers 2``, ``refimpl`` one process."""
+    return kind if workers == 1 else f"{kind}×{workers}"
+
+
+def server_command(
+    kind: str, port: int, plan: Plan, batch_tokens: int = 64, workers: int = 1, backlog: int | None = None
+) -> list[str]:
+    """The command line; ``workers`` and ``backlog`` (None: its own default) are refimpl's."""
     knobs = ["--host", HOST, "--port", str(port), "--tokens", str(plan.tokens)]
     knobs += ["--ttft-ms", str(plan.ttft_ms), "--itl-ms", str(plan.itl_ms)]
     if kind == "refimpl":
-        serve = [sys.executable, "-m", "refimpl", "serve", "--quiet"]
+        serve = [sys.executable, "-m", "refimpl", "serve", "--quiet", "--workers", str(workers)]
+        serve += [] if backlog is None else ["--backlog", str(backlog)]
         return [*serve, *knobs, "--batch-tokens", str(batch_tokens)]
     if not SERVERS[kind].exists():
         raise SystemExit(f"the {kind} peer is not at {SERVERS[kind]} (run from a source checkout)")
@@ -144,17 +188,23 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def running_server(
-    kind: str, plan: Plan, *, batch_tokens: int = 64, fastwrite: bool = True
+    kind: str,
+    plan: Plan,
+    *,
+    batch_tokens: int = 64,
+    fastwrite: bool = True,
+    workers: int = 1,
+    backlog: int | None = None,
 ) -> AsyncIterator[tuple[trio.Process, str]]:
     """Start one server, wait until it answers, and always stop it."""
     port = free_port()
     env = {**os.environ, "REFIMPL_FASTWRITE": "1" if fastwrite else "0"}
     with tempfile.TemporaryFile() as log:
-        cmd = server_command(kind, port, plan, batch_tokens)
+        cmd = server_command(kind, port, plan, batch_tokens, workers, backlog)
         proc = await trio.lowlevel.open_process(cmd, stdout=log, stderr=log, env=env)
         try:
             url = f"http://{HOST}:{port}"
-            await wait_until_up(proc, url, log)
+            await wait_until_up(proc, url, log, every_worker=workers > 1)
             yield proc, url
         finally:
             with trio.CancelScope(shield=True):
@@ -167,12 +217,22 @@ async def running_server(
                     await proc.wait()
 
 
-async def wait_until_up(proc: trio.Process, url: str, log: Any) -> None:
+#: What ``refimpl serve`` prints first once it serves; with ``--workers N``, the
+#: parent prints it once every worker has said it serves (``workers.py``, step 2).
+WELCOME = b"refimpl is streaming on "
+
+
+async def wait_until_up(proc: trio.Process, url: str, log: Any, every_worker: bool = False) -> None:
+    """Until ``GET /v1/models`` answers 200: one worker serves.  With
+    ``every_worker``, also until the welcome is in the server's log (read with
+    ``pread``, which leaves the offset the server writes at alone)."""
     async with httpx.AsyncClient(trust_env=False, timeout=2) as client:
         with trio.move_on_after(30):
             while proc.returncode is None:
                 try:
-                    if (await client.get(url + "/v1/models")).status_code == 200:
+                    if (await client.get(url + "/v1/models")).status_code == 200 and (
+                        not every_worker or WELCOME in os.pread(log.fileno(), 1 << 16, 0)
+                    ):
                         return
                 except httpx.TransportError:
                     pass

@@ -129,17 +129,19 @@ class SharedClock:
                 self.wakeups += 1
                 now = trio.current_time()
                 while self._heap and self._heap[0][0] <= now:
-                    task = heapq.heappop(self._heap)[2]
-                    if task is not None:
-                        trio.lowlevel.reschedule(task)
+                    self._wake(heapq.heappop(self._heap))
         finally:
             # Normally the heap is empty here.  If the app is shutting down
             # and cancelled us, wake everyone rather than strand them.
             self._running, self._timer = False, None
             while self._heap:
-                task = heapq.heappop(self._heap)[2]
-                if task is not None:
-                    trio.lowlevel.reschedule(task)
+                self._wake(heapq.heappop(self._heap))
+
+    @staticmethod
+    def _wake(entry: list) -> None:
+        task, entry[2] = entry[2], None  # woken: interrupt() must not wake it twice
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     # endregion: shared-clock
 

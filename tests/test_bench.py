@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 
 import pytest
 import trio
@@ -45,7 +46,10 @@ async def test_bench_measures_both_servers_with_exact_token_counts(tmp_path):
         "load_procs": 1,
         "fastwrite": True,
         "batch_tokens": 64,
+        "workers": [1],
+        "backlog": None,
         "timeout": 60.0,
+        "variants": {"refimpl": ["refimpl", 1], "sse-starlette": ["sse-starlette", 1]},
         "baseline": "sse-starlette",
     }
     assert result["command"] == (
@@ -56,6 +60,7 @@ async def test_bench_measures_both_servers_with_exact_token_counts(tmp_path):
     assert [r["server"] for r in result["runs"]] == ["refimpl", "sse-starlette"]
     for run in result["runs"]:
         assert run["tokens"] == 2 * 50 and run["errors"] == 0 and run["error_messages"] == []
+        assert run["workers"] == 1 and len(run["server_pids"]) == 1  # one process, no children
         assert run.keys() >= {key for _, key, _, _ in ROWS}
         # schedstat counts in nanoseconds: even 100 tokens cost measurable CPU,
         # and the per-token figure is that CPU over exactly those tokens.
@@ -102,14 +107,26 @@ def test_each_scenario_has_its_defaults_and_an_option_given_anywhere_wins():
         parse("paced", "--streams", "200", "1000", "200", "--ttft-ms", "0", "--servers", "starlette")
     )
     assert (given.streams, given.ttft_ms, given.itl_ms, given.servers) == ((200, 1000), 0, 20, ("starlette",))
-    for bad in (["--streams", "0"], ["--load-procs", "3", "--streams", "2"], ["--itl-ms", "-1"]):
+    workers = settings(parse("burst", "--workers", "1", "2", "2", "--backlog", "64"))
+    assert (workers.workers, workers.backlog) == ((1, 2), 64)
+    assert list(workers.variants()) == ["refimpl", "refimpl×2", "sse-starlette"]
+    assert workers.variants()["refimpl×2"] == ("refimpl", 2)
+    for bad in (
+        ["--streams", "0"],
+        ["--load-procs", "3", "--streams", "2"],
+        ["--itl-ms", "-1"],
+        ["--workers", "0"],
+        ["--backlog", "0"],
+        ["--workers", "2", "--servers", "sse-starlette"],  # the peers run one process
+    ):
         with pytest.raises(SystemExit):
             settings(parse("paced", *bad))
 
 
 def test_the_results_command_repeats_the_run():
     args = parse(
-        "burst", "--streams", "8", "16", "--load-procs", "2", "--batch-tokens", "1", "--no-fastwrite"
+        *("burst", "--streams", "8", "16", "--load-procs", "2", "--batch-tokens", "1", "--no-fastwrite"),
+        *("--workers", "1", "2", "--backlog", "64"),
     )
     s = settings(args)
     again = bench.command_line(s).split()
@@ -168,6 +185,26 @@ def test_the_kernel_readings_of_this_process():
     rss, peak = benchload.memory_kib(os.getpid())
     assert 0 < rss <= peak
     assert benchload.listen_overflows() >= 0
+
+
+def test_the_readings_of_a_process_tree_are_sums_over_it():
+    """A child and its grandchild (``sh`` starting ``sleep``): the tree holds
+    both below this process, parents first, and the readings add them up."""
+    cmd = ["sh", "-c", "sleep 30 & echo $!; wait"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            grandchild = int(child.stdout.readline())
+            tree = benchload.process_tree(os.getpid())
+            assert tree[0] == os.getpid() and tree.index(child.pid) < tree.index(grandchild)
+            assert benchload.process_tree(child.pid) == [child.pid, grandchild]
+            me, family = os.getpid(), (os.getpid(), child.pid, grandchild)
+            assert benchload.cpu_seconds(*family) == pytest.approx(
+                sum(map(benchload.cpu_seconds, family)), abs=0.01
+            )
+            assert benchload.memory_kib(*family)[0] > benchload.memory_kib(me)[0]
+        finally:
+            child.kill()
+            os.kill(grandchild, 9)
 
 
 def test_percentile_interpolates_between_ranks():

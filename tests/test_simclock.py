@@ -104,3 +104,32 @@ async def test_after_the_app_nursery_closed_it_falls_back(autojump_clock):
     start = trio.current_time()
     await clock.sleep_until(start + 1.0)
     assert trio.current_time() - start == pytest.approx(1.0)
+
+
+async def test_interrupt_after_the_timer_woke_the_sleeper_is_a_no_op(autojump_clock):
+    """The timer has rescheduled a sleeper that has not run yet, and a
+    cancel() comes in between: the sleeper must not be woken twice (trio
+    forbids it); it simply gets its token, and the engine sees the cancel."""
+    async with trio.open_nursery() as nursery:
+        clock = SharedClock(tick=0)
+        clock.attach(nursery)
+        sleeper = None
+        woke = trio.Event()
+
+        async def sleep(deadline: float) -> None:
+            nonlocal sleeper
+            sleeper = trio.lowlevel.current_task()
+            await clock.sleep_until(deadline)
+            woke.set()
+
+        async def interrupt_right_after_the_timer(deadline: float) -> None:
+            # Due with the sleeper and behind it in the heap: the timer has
+            # rescheduled the sleeper when it wakes us, whichever runs first.
+            await clock.sleep_until(deadline)
+            assert clock.interrupt(sleeper) is False
+
+        deadline = trio.current_time() + 1.0
+        nursery.start_soon(sleep, deadline)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(interrupt_right_after_the_timer, deadline)
+    assert woke.is_set()
