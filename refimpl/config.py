@@ -23,8 +23,9 @@ class Config:
     # accepts them (listen(2)'s backlog; the kernel caps it at
     # net.core.somaxconn).  hypercorn's default, 100, overflowed under a
     # burst of 500 clients: SYNs dropped and retransmitted a second later,
-    # connections failing at set-up.
-    backlog: int = 1024
+    # connections failing at set-up; 1,024 overflowed under 2,000 clients
+    # connecting at once (uvicorn's default is 2,048).
+    backlog: int = 4096
     model_name: str = DEFAULT_MODEL
     simulate: Simulate = field(default_factory=Simulate)
     # Seconds of silence after which an SSE stream sends ": ping" (lesson 08).

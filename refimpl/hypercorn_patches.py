@@ -146,14 +146,37 @@ buffers a message (close code 1009, RFC 6455 §7.4.1), so an oversized message
 never reaches the route in memory; the watchdog notes that close too
 (``message_too_big``), since the route never sees its cause.  Lesson 03
 explains all of this; the keepalive itself is ``patterns/heartbeat.py``.
+
+3. Accepting a burst (lesson 13, "a burst of clients")
+======================================================
+
+hypercorn's trio worker serves each listening socket with
+``trio.serve_listeners`` over a ``trio.SocketListener``, whose ``accept()``
+takes *one* connection and then passes through the scheduler, as every trio
+operation that succeeds at once does.  So when 500 clients connect together,
+the server accepts one connection per round of the scheduler, and each round
+also runs every stream that has a token due: the later clients wait in the
+kernel's accept queue for seconds while the first ones stream.  asyncio's
+loop accepts up to its backlog of connections per wake-up instead.
+:class:`BatchedListener` does the same for hypercorn: after the accept that
+waited, it also takes every connection already waiting (up to
+:data:`ACCEPT_BATCH`) with plain non-blocking ``accept()`` calls, and hands
+them out one by one without a trip through the scheduler.  hypercorn builds
+its listeners itself, from ``trio.SocketListener`` (a final class), so
+:func:`install` gives hypercorn's ``run`` module a view of ``trio`` in which
+that name makes a :class:`BatchedListener`; nothing else sees a change.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
 import inspect
 import logging
 import os
+import socket
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -191,6 +214,7 @@ WRITTEN_FOR = {
     "HTTPStream.handle": "6ed2e34c5e708c6a",
     "HTTPStream.app_send": "c806044b99736985",
     "H11Protocol._maybe_recycle": "3ac53f52bc4e65de",
+    "worker_serve": "8dc8347a9fc357ca",
 }
 # endregion: written-for
 
@@ -435,6 +459,64 @@ def _is_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
+# -- 3. accepting a burst ----------------------------------------------------------
+#: Connections taken from the kernel's accept queue per wake-up, at most.
+ACCEPT_BATCH = 100
+#: accept() errors that concern only the connection being accepted.
+_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+
+
+# region: batched-accept
+class BatchedListener(trio.abc.Listener[trio.SocketStream]):
+    """A ``trio.SocketListener`` that takes every waiting connection at once."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._listener = trio.SocketListener(sock)
+        # The same listening socket as a plain non-blocking one, for the
+        # accepts that must not pass through the scheduler.
+        self._raw = socket.socket(fileno=os.dup(sock.fileno()))
+        self._raw.setblocking(False)
+        self._waiting: collections.deque[trio.SocketStream] = collections.deque()
+
+    async def accept(self) -> trio.SocketStream:
+        if self._waiting:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return self._waiting.popleft()
+        stream = await self._listener.accept()  # waits for one, the trio way
+        while len(self._waiting) < ACCEPT_BATCH - 1:  # then takes the rest now
+            try:
+                conn, _ = self._raw.accept()
+            except BlockingIOError:  # the queue is empty
+                break
+            except OSError as exc:
+                if exc.errno in _SKIPPABLE:  # that client gave up: the next one
+                    continue
+                break  # e.g. EMFILE: serve_listeners' own accept will see it
+            conn.setblocking(False)
+            self._waiting.append(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        return stream
+
+    async def aclose(self) -> None:
+        self._raw.close()
+        while self._waiting:
+            await self._waiting.popleft().aclose()
+        await self._listener.aclose()
+
+
+# endregion: batched-accept
+
+
+def _trio_with_batched_accept() -> types.ModuleType:
+    """``trio`` as hypercorn's ``run`` module sees it: SocketListener batched."""
+    view = types.ModuleType("trio (refimpl: batched accept)")
+    view.__getattr__ = lambda name: getattr(trio, name)  # type: ignore[method-assign]
+    view.SocketListener = BatchedListener  # type: ignore[attr-defined]
+    return view
+
+
+_TRIO_WITH_BATCHED_ACCEPT = _trio_with_batched_accept()
+
+
 # -- installing, once, after checking -----------------------------------------
 def _fingerprint(func: object) -> str:
     return hashlib.sha256(inspect.getsource(func).encode()).hexdigest()[:16]
@@ -453,6 +535,7 @@ def fingerprints() -> dict[str, str]:
         "HTTPStream.handle": STOCK_HTTP_STREAM.handle,
         "HTTPStream.app_send": STOCK_HTTP_STREAM.app_send,
         "H11Protocol._maybe_recycle": hypercorn_h11.H11Protocol._maybe_recycle,
+        "worker_serve": hypercorn_run.worker_serve,
     }
     return {"version": version("hypercorn"), **{name: _fingerprint(f) for name, f in methods.items()}}
 
@@ -466,13 +549,15 @@ def install(fastwrite: bool | None = None) -> bool:
     over HTTP/2 too) keeps stock behaviour, which is the HTTP/2 issue's work.
 
     ``fastwrite=None`` reads ``REFIMPL_FASTWRITE`` (anything but ``0`` means
-    on); ``False`` keeps hypercorn's own ``TCPServer``.  Idempotent and cheap,
-    so ``serve()`` calls it each time a server starts.
+    on); ``False`` keeps hypercorn's own ``TCPServer``.  The batched accept
+    is on unless ``REFIMPL_BATCH_ACCEPT=0`` (for measuring it, lesson 13).
+    Idempotent and cheap, so ``serve()`` calls it each time a server starts.
     """
     if (
         hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, FastTCPServer)
         or hypercorn_h11.WSStream not in (STOCK_WS_STREAM, WatchedWSStream)
         or hypercorn_h11.HTTPStream not in (STOCK_HTTP_STREAM, WatchedHTTPStream)
+        or hypercorn_run.trio not in (trio, _TRIO_WITH_BATCHED_ACCEPT)
     ):
         raise RuntimeError(
             "hypercorn no longer creates the classes refimpl patches; see hypercorn_patches.py"
@@ -490,6 +575,10 @@ def install(fastwrite: bool | None = None) -> bool:
     if fastwrite is None:
         fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"
     hypercorn_run.TCPServer = FastTCPServer if fastwrite else STOCK_TCP_SERVER
+    if os.environ.get("REFIMPL_BATCH_ACCEPT", "1") != "0":
+        hypercorn_run.trio = _TRIO_WITH_BATCHED_ACCEPT
+    else:
+        hypercorn_run.trio = trio
     # A connection whose route put no Watchdog in its scope behaves exactly
     # like stock hypercorn.
     hypercorn_h11.WSStream = WatchedWSStream

@@ -27,6 +27,7 @@ from conftest import chat_body
 from test_cli import start_serve
 from test_shutdown import read_all
 
+from refimpl.config import Config
 from refimpl.model import simulated_text
 from refimpl.sse import SSEParser
 from refimpl.workers import READY
@@ -244,7 +245,7 @@ def somaxconn() -> int:
 
 @pytest.mark.parametrize(
     ("flags", "backlog"),
-    [((), 1024), (("--backlog", "77"), 77), (("--backlog", "77", "--workers", "2"), 77)],
+    [((), Config.backlog), (("--backlog", "77"), 77), (("--backlog", "77", "--workers", "2"), 77)],
 )
 async def test_backlog_reaches_the_listening_socket(flags, backlog):
     proc, url = await start_serve(*flags, "--quiet")
