@@ -41,10 +41,11 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -116,41 +117,57 @@ def enough_files(s: Settings) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
+async def measure_all(
+    s: Settings, progress: Callable[[str, int, Callable[[], int]], Awaitable[None]] = show_progress
+) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[Load]]]:
+    """Every server at every ``--streams``, ``--repeat`` times with the
+    servers' order alternating: each run's figures, and every run's client
+    samples by (server, streams), for the plots.  ``progress(label, tokens,
+    count)`` draws one run's progress until cancelled."""
+    runs: list[dict[str, Any]] = []
+    samples: dict[tuple[str, int], list[Load]] = {}
+    order = [(r, n) for r in range(s.repeat) for n in s.streams]
+    servers = list(s.variants())  # the columns: refimpl once per --workers, the peers
+    total = len(order) * len(servers)
+    for r, streams in order:
+        for server in servers if r % 2 == 0 else servers[::-1]:
+            label = f"[{len(runs) + 1}/{total}] {server} {streams} streams, run {r + 1}"
+            show = partial(progress, label, streams * s.tokens)
+            figures, load = await measure(server, streams, s, show)
+            runs.append({**figures, "run": r + 1})
+            samples.setdefault((server, streams), []).append(load)
+    return runs, samples
+
+
+def report(s: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``results.json`` holds (but the plots' names): the settings, the
+    machine, every run, and the medians and ratios (``bench_report``)."""
+    variants = s.variants()
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command_line(s),
+        "config": {**asdict(s), "variants": variants, "baseline": BASELINE},
+        "machine": environment(),
+        "runs": runs,
+        "summary": summarize(runs, BASELINE, variants),
+    }
+
+
 async def run(args: argparse.Namespace) -> int:
     s = settings(args)
     enough_files(s)
     folder = (
         getattr(args, "out", None) or Path("bench-results") / f"{s.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    runs: list[dict] = []
-    samples: dict[tuple[str, int], list[Load]] = {}  # every run's, for the plots
-    order = [(r, n) for r in range(s.repeat) for n in s.streams]
-    variants = s.variants()  # the columns: refimpl once per --workers, the peers
-    servers = list(variants)
-    total = len(order) * len(servers)
     timed_out = False
     try:
-        for r, streams in order:
-            for server in servers if r % 2 == 0 else servers[::-1]:
-                label = f"[{len(runs) + 1}/{total}] {server} {streams} streams, run {r + 1}"
-                show = partial(show_progress, label, streams * s.tokens)
-                figures, load = await measure(server, streams, s, show)
-                runs.append({**figures, "run": r + 1})
-                samples.setdefault((server, streams), []).append(load)
+        runs, samples = await measure_all(s)
     except* trio.TooSlowError:  # the servers are already stopped
         timed_out = True
     if timed_out:
         print(f"\nerror: a load run took longer than --timeout {s.timeout:g} s", file=sys.stderr)
         return 2
-    config = {**asdict(s), "variants": variants, "baseline": BASELINE}
-    result = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command_line(s),
-        "config": config,
-        "machine": environment(),
-        "runs": runs,
-        "summary": summarize(runs, BASELINE, variants),
-    }
+    result = report(s, runs)
     folder.mkdir(parents=True, exist_ok=True)
     result["plots"] = write_plots(folder, samples, result)
     path = write_results(folder, result)

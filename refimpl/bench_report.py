@@ -25,7 +25,9 @@ ratios, and the command that repeats it) and the PNG plots, drawn with the
 notebooks' helpers in ``figures.py`` on matplotlib's Agg backend (no
 display needed): ``latency.png``, the CDFs of TTFT and ITL per server, and
 with more than one ``--streams``, ``concurrency.png``, the medians over
-concurrency.  Without matplotlib there are no plots, and the bench says so.
+concurrency (:func:`latency_figure`, :func:`concurrency_figure`, which
+notebook 13 shows inline).  Without matplotlib there are no plots, and the
+bench says so.
 """
 
 from __future__ import annotations
@@ -269,9 +271,27 @@ def write_plots(
     matplotlib.use("Agg")  # files only: no display, in a terminal, a test or CI
     import matplotlib.pyplot as plt
 
-    from .figures import latency_cdfs, over_concurrency
+    figs = {"latency.png": latency_figure(samples, result)}
+    if len(result["config"]["streams"]) > 1:
+        figs["concurrency.png"] = concurrency_figure(result)
+    for name, fig in figs.items():
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+    return list(figs)
 
-    cfg, summary = result["config"], result["summary"]
+
+# The two figures are drawn on the current matplotlib backend: Agg in
+# write_plots, inline in a notebook (refimpl.notebook.bench_scenario).
+def _title(cfg: dict[str, Any]) -> str:
+    return f"refimpl bench {cfg['scenario']}: {cfg['tokens']} tokens, ttft {cfg['ttft_ms']:g} ms, itl {cfg['itl_ms']:g} ms"
+
+
+def latency_figure(samples: dict[tuple[str, int], list[Load]], result: dict[str, Any]):
+    """``latency.png``: the CDFs of TTFT and ITL, a panel each per
+    ``--streams``, a line per server, every run's samples pooled."""
+    from .figures import latency_cdfs
+
+    cfg = result["config"]
     servers = list(cfg["variants"])  # the columns: refimpl once per --workers, the peers
     panels: dict[str, dict[str, list[float]]] = {}
     marks: dict[str, float] = {}
@@ -282,27 +302,27 @@ def write_plots(
                 s: [x for load in samples[s, streams] for x in getattr(load, attr)] for s in servers
             }
             marks[name] = model_ms / 1000
-    title = f"refimpl bench {cfg['scenario']}: {cfg['tokens']} tokens, ttft {cfg['ttft_ms']:g} ms, itl {cfg['itl_ms']:g} ms"
-    names = ["latency.png"]
-    figs = [latency_cdfs(panels, marks=marks, title=f"{title} (from the request sent)")]
-    if len(cfg["streams"]) > 1:
-        over = {
-            label: {s: {int(n): summary[n][s][key] for n in summary} for s in servers}
-            for label, key in (
-                ("tokens/s delivered", "tokens_per_s"),
-                ("RSS per stream, KiB", "rss_kib_per_stream"),
-                ("server CPU µs/token", "cpu_us_per_token"),
-                ("ITL added p99, ms", "itl_added_ms_p99"),
-            )
-        }
-        ideal = (
-            {"tokens/s delivered": {n: n / (cfg["itl_ms"] / 1000) for n in cfg["streams"]}}
-            if cfg["itl_ms"]
-            else None
+    return latency_cdfs(panels, marks=marks, title=f"{_title(cfg)} (from the request sent)")
+
+
+def concurrency_figure(result: dict[str, Any]):
+    """``concurrency.png``: four of the medians against ``--streams``, a line per server."""
+    from .figures import over_concurrency
+
+    cfg, summary = result["config"], result["summary"]
+    servers = list(cfg["variants"])
+    over = {
+        label: {s: {int(n): summary[n][s][key] for n in summary} for s in servers}
+        for label, key in (
+            ("tokens/s delivered", "tokens_per_s"),
+            ("RSS per stream, KiB", "rss_kib_per_stream"),
+            ("server CPU µs/token", "cpu_us_per_token"),
+            ("ITL added p99, ms", "itl_added_ms_p99"),
         )
-        names.append("concurrency.png")
-        figs.append(over_concurrency(over, ideal=ideal, title=f"{title}, medians over concurrency"))
-    for name, fig in zip(names, figs, strict=True):
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-    return names
+    }
+    ideal = (
+        {"tokens/s delivered": {n: n / (cfg["itl_ms"] / 1000) for n in cfg["streams"]}}
+        if cfg["itl_ms"]
+        else None
+    )
+    return over_concurrency(over, ideal=ideal, title=f"{_title(cfg)}, medians over concurrency")

@@ -174,6 +174,9 @@ def server_command(
     if kind == "refimpl":
         serve = [sys.executable, "-m", "refimpl", "serve", "--quiet", "--workers", str(workers)]
         serve += [] if backlog is None else ["--backlog", str(backlog)]
+        # The peers admit every stream; refimpl's admission control (lesson 09,
+        # default 1,024 at once) must not refuse what the bench asks for.
+        serve += ["--max-concurrent", str(max(plan.streams, 1024))]
         return [*serve, *knobs, "--batch-tokens", str(batch_tokens)]
     if not SERVERS[kind].exists():
         raise SystemExit(f"the {kind} peer is not at {SERVERS[kind]} (run from a source checkout)")

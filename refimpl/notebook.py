@@ -24,10 +24,15 @@ The rest keeps a notebook's cells short:
   keeps every client-side sample (the TTFT, ITL and e2e lists), which the
   bench's report reduces to percentiles, so notebook 13 can draw the
   distributions.
+* :func:`bench_scenario` is a whole ``refimpl bench <scenario>`` invocation
+  (``bench.measure_all``: a fresh server and load process for each run),
+  silent and writing no folder, whose :class:`BenchScenario` draws the
+  results folder's two plots inline and prints the bench's table.
 """
 
 from __future__ import annotations
 
+import argparse
 import queue
 import threading
 import time
@@ -38,8 +43,10 @@ import httpx
 import trio
 
 from .app import create_app, serve
-from .bench_scenarios import WARMUP
-from .benchload import Load, Plan, cpu_seconds, run_load, running_server
+from .bench import measure_all, report
+from .bench_report import concurrency_figure, latency_figure, table
+from .bench_scenarios import WARMUP, settings
+from .benchload import BASELINE, Load, Plan, cpu_seconds, run_load, running_server
 from .config import Config
 from .figures import event_name
 
@@ -209,3 +216,40 @@ async def bench_once(
         load, before = Load(), cpu_seconds(proc.pid)
         await run_load(url, plan, load)
         return BenchRun(server, load, cpu_seconds(proc.pid) - before)
+
+
+# -- one whole `refimpl bench <scenario>`, its plots inline ------------------------------
+@dataclass
+class BenchScenario:
+    """What ``refimpl bench <scenario>`` measured: ``result`` is what its
+    ``results.json`` holds (``result["summary"][str(streams)][server]``: the
+    medians), ``samples`` every run's client samples by (server, streams)."""
+
+    result: dict[str, Any]
+    samples: dict[tuple[str, int], list[Load]]
+
+    def table(self, streams: int) -> str:
+        """The bench's table for one ``--streams``, as it prints it."""
+        return table(self.result["summary"][str(streams)], BASELINE)
+
+    def latency(self):
+        """``latency.png``'s figure: the CDFs of TTFT and ITL per server."""
+        return latency_figure(self.samples, self.result)
+
+    def concurrency(self):
+        """``concurrency.png``'s figure: medians against ``--streams``."""
+        return concurrency_figure(self.result)
+
+
+async def _quiet(label: str, tokens: int, count: object) -> None:
+    """No progress bar: a cell's output is the table and the plots."""
+
+
+async def bench_scenario(scenario: str, **options: Any) -> BenchScenario:
+    """``refimpl bench <scenario>`` with ``options`` as its command-line
+    options would set them (``streams=[10, 30]``, ``servers=[...]``,
+    ``ttft_ms=50``...; checked the same way), the load in load processes as
+    there; nothing printed, no folder written."""
+    s = settings(argparse.Namespace(scenario=scenario, **options))
+    runs, samples = await measure_all(s, _quiet)
+    return BenchScenario(report(s, runs), samples)
