@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from test_midstream_clients import _node_ready
+from test_midstream_clients import node_test
 
 from refimpl.examples import client_streams
 from refimpl.examples.client_streams import CLIENTS, USAGE_FIELDS, Ask
@@ -178,16 +177,6 @@ NODE_TESTS = sorted(JS.glob("clients_*.test.mjs"))
 
 
 async def test_node_clients(server):
-    _node_ready()
     assert len(NODE_TESTS) == 3
-    result = await trio.run_process(
-        # EventSource is a global in Node 22+; Node 20 has it behind this flag.
-        [NODE, "--experimental-eventsource", "--test", "--test-reporter=tap", *map(str, NODE_TESTS)],
-        env={**os.environ, "REFIMPL_URL": server.url},
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-    output = (result.stdout + result.stderr).decode()
-    assert result.returncode == 0, "\n" + output
-    assert re.search(r"^# fail 0$", output, re.M) and re.search(r"^# pass [1-9]", output, re.M), output
+    # EventSource is a global in Node 22+; Node 20 has it behind this flag.
+    await node_test(server.url, NODE_TESTS, "--experimental-eventsource")

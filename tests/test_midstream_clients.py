@@ -161,12 +161,13 @@ def _node_ready() -> None:
         pytest.skip(problem)
 
 
-async def test_node_clients(server):
+async def node_test(url: str, files: list[Path], *flags: str) -> None:
+    """``node --test`` on ``files`` against the server at ``url``
+    (``REFIMPL_URL``): every test passes, and at least one ran."""
     _node_ready()
-    assert len(NODE_TESTS) == 4
     result = await trio.run_process(
-        [NODE, "--test", "--test-reporter=tap", *map(str, NODE_TESTS)],
-        env={**os.environ, "REFIMPL_URL": server.url},
+        [NODE, *flags, "--test", "--test-reporter=tap", *map(str, files)],
+        env={**os.environ, "REFIMPL_URL": url},
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -174,3 +175,8 @@ async def test_node_clients(server):
     output = (result.stdout + result.stderr).decode()
     assert result.returncode == 0, "\n" + output
     assert re.search(r"^# fail 0$", output, re.M) and re.search(r"^# pass [1-9]", output, re.M), output
+
+
+async def test_node_clients(server):
+    assert len(NODE_TESTS) == 4
+    await node_test(server.url, NODE_TESTS)
