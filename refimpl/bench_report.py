@@ -289,7 +289,7 @@ def _title(cfg: dict[str, Any]) -> str:
 def latency_figure(samples: dict[tuple[str, int], list[Load]], result: dict[str, Any]):
     """``latency.png``: the CDFs of TTFT and ITL, a panel each per
     ``--streams``, a line per server, every run's samples pooled."""
-    from .figures import latency_cdfs
+    from .bench_figures import latency_cdfs
 
     cfg = result["config"]
     servers = list(cfg["variants"])  # the columns: refimpl once per --workers, the peers
@@ -307,7 +307,7 @@ def latency_figure(samples: dict[tuple[str, int], list[Load]], result: dict[str,
 
 def concurrency_figure(result: dict[str, Any]):
     """``concurrency.png``: four of the medians against ``--streams``, a line per server."""
-    from .figures import over_concurrency
+    from .bench_figures import over_concurrency
 
     cfg, summary = result["config"], result["summary"]
     servers = list(cfg["variants"])
