@@ -155,14 +155,23 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
 
 def hypercorn_config(
-    host: str, port: int, backlog: int = Config.backlog, *, fd: int | None = None
+    host: str,
+    port: int,
+    backlog: int = Config.backlog,
+    *,
+    fd: int | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
 ) -> HypercornConfig:
     """hypercorn's settings for ``host:port`` with a listen ``backlog``; or,
     given ``fd``, for a listening socket this process inherited (hypercorn's
-    ``fd://`` bind: a worker of ``refimpl serve --workers N``, ``workers.py``)."""
+    ``fd://`` bind: a worker of ``refimpl serve --workers N``, ``workers.py``).
+    With ``certfile`` and ``keyfile``: TLS, where hypercorn offers HTTP/2 and
+    HTTP/1.1 by ALPN (``tls.py``)."""
     hc = HypercornConfig()
     hc.bind = [f"{host}:{port}" if fd is None else f"fd://{fd}"]
     hc.backlog = backlog
+    hc.certfile, hc.keyfile = certfile, keyfile
     hc.accesslog = None
     hc.errorlog = None  # the server must not print into notebook cells
     return hc
@@ -175,6 +184,8 @@ async def serve(
     *,
     backlog: int = Config.backlog,
     fd: int | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -199,7 +210,7 @@ async def serve(
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(
             app,
-            hypercorn_config(host, port, backlog, fd=fd),
+            hypercorn_config(host, port, backlog, fd=fd, certfile=certfile, keyfile=keyfile),
             shutdown_trigger=trigger,
             task_status=task_status,
         )

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="connections the kernel queues until the server accepts them; the kernel caps it"
         f" at net.core.somaxconn ({_somaxconn()} here)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS, HTTP/2 by ALPN, with a certificate for 127.0.0.1 from a throw-away local CA"
+        " (tls.py; the welcome says which file to trust)",
+    )
+    p.add_argument("--certfile", default=None, help="TLS with your own certificate chain (PEM)")
+    p.add_argument("--keyfile", default=None, help="and its private key (PEM)")
     # A worker of --workers N serves the socket its parent bound (workers.py).
     p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ttft-ms", type=float, default=s.ttft_ms, help="delay before the first token")
@@ -176,6 +185,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         host=args.host,
         port=args.port,
         backlog=args.backlog,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
         model_name=args.model_name,
         simulate=sim,
         heartbeat=args.heartbeat,
@@ -241,6 +252,8 @@ async def run_server(config: Config, quiet: bool = False, listen_fd: int | None 
                     config.port,
                     backlog=config.backlog,
                     fd=listen_fd,
+                    certfile=config.certfile,
+                    keyfile=config.keyfile,
                     shutdown_trigger=stop.wait,
                 )
             )
@@ -255,14 +268,20 @@ def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
     processes = f"{workers} workers, " if workers > 1 else ""
     print(f"refimpl is streaming on {url}  ({processes}Ctrl-C to stop)")
     print(f"  demo page : {url}/")
-    print(f"  curl      : curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
+    trust = f"--cacert {config.ca} " if config.ca else ""
+    print(f"  curl      : curl -N {trust}{url}/v1/chat/completions -H 'Content-Type: application/json' \\")
     print(
         f'              -d \'{{"model":"{config.model_name}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
     )
     me = os.path.relpath(sys.argv[0]) if sys.argv[0].endswith("refimpl") else "python -m refimpl"
+    if config.ca:  # httpx and ssl's default context both read SSL_CERT_FILE
+        me = f"SSL_CERT_FILE={config.ca} {me}"
     print(f'  python    : {me} chat "Why stream tokens?" --url {url}')
     print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
     print(f"  metrics   : {url}/metrics", flush=True)
+    if config.certfile:
+        trust = f"; clients trust {config.ca}" if config.ca else ""
+        print(f"  TLS       : HTTP/2 or HTTP/1.1, agreed by ALPN{trust}", flush=True)
 
 
 async def run_chat(args: argparse.Namespace) -> int:
@@ -362,7 +381,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         if args.workers < 1 or args.backlog < 1:
             parser.error("--workers and --backlog must be at least 1")
+        if (args.certfile is None) != (args.keyfile is None) or (args.tls and args.certfile):
+            parser.error("TLS: either --tls, or both --certfile and --keyfile")
+        if (args.tls or args.certfile) and args.workers > 1:
+            parser.error("TLS with --workers is not supported yet: run one process")
         config = config_from_args(args)
+        if args.tls:
+            from .tls import local_certificate
+
+            tls = local_certificate()
+            config = replace(config, certfile=str(tls.certfile), keyfile=str(tls.keyfile), ca=str(tls.ca))
         try:
             if args.workers > 1:  # a parent: workers.py starts `refimpl <argv>` N times
                 from .workers import serve_workers

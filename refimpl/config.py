@@ -26,6 +26,11 @@ class Config:
     # connections failing at set-up; 1,024 overflowed under 2,000 clients
     # connecting at once (uvicorn's default is 2,048).
     backlog: int = 4096
+    # TLS (tls.py): the server's certificate chain and key, and the CA a
+    # client must trust when --tls made them; None: plain HTTP (h2c too).
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca: str | None = None
     model_name: str = DEFAULT_MODEL
     simulate: Simulate = field(default_factory=Simulate)
     # Seconds of silence after which an SSE stream sends ": ping" (lesson 08).
