@@ -67,6 +67,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from .backend import ModelRequest, count_tokens
 from .bench import environment
+from .benchload import memory_kib
 from .config import DEFAULT_MODEL
 from .model import simulated_text, simulated_token
 from .patterns.backpressure import POLICIES
@@ -115,9 +116,8 @@ def coalesce_cap_kib(cap: int) -> int:
 
 
 def rss_kib(pid: int) -> int:
-    """Resident memory: VmRSS from /proc/PID/status (its "kB" are KiB)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)[1])
+    """Resident memory now (VmRSS, KiB): ``benchload.memory_kib``'s first half."""
+    return memory_kib(pid)[0]
 
 
 @asynccontextmanager

@@ -59,6 +59,7 @@ from typing import Any, Self
 import httpx
 import trio
 
+from .cli import WELCOME
 from .sse import SSEParser
 
 PEERS = Path(__file__).resolve().parent.parent / "bench" / "peers"
@@ -220,21 +221,18 @@ async def running_server(
                     await proc.wait()
 
 
-#: What ``refimpl serve`` prints first once it serves; with ``--workers N``, the
-#: parent prints it once every worker has said it serves (``workers.py``, step 2).
-WELCOME = b"refimpl is streaming on "
-
-
 async def wait_until_up(proc: trio.Process, url: str, log: Any, every_worker: bool = False) -> None:
     """Until ``GET /v1/models`` answers 200: one worker serves.  With
     ``every_worker``, also until the welcome is in the server's log (read with
-    ``pread``, which leaves the offset the server writes at alone)."""
+    ``pread``, which leaves the offset the server writes at alone): with
+    ``--workers N`` the parent prints it once every worker serves
+    (``workers.py``, step 2)."""
     async with httpx.AsyncClient(trust_env=False, timeout=2) as client:
         with trio.move_on_after(30):
             while proc.returncode is None:
                 try:
                     if (await client.get(url + "/v1/models")).status_code == 200 and (
-                        not every_worker or WELCOME in os.pread(log.fileno(), 1 << 16, 0)
+                        not every_worker or WELCOME.encode() in os.pread(log.fileno(), 1 << 16, 0)
                     ):
                         return
                 except httpx.TransportError:

@@ -264,9 +264,13 @@ async def run_server(config: Config, quiet: bool = False, listen_fd: int | None 
         outer.cancel_scope.cancel()  # the server has stopped: stop listening for signals
 
 
+#: The welcome's first words, which ``refimpl bench`` waits for (``benchload.py``).
+WELCOME = "refimpl is streaming on "
+
+
 def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
     processes = f"{workers} workers, " if workers > 1 else ""
-    print(f"refimpl is streaming on {url}  ({processes}Ctrl-C to stop)")
+    print(f"{WELCOME}{url}  ({processes}Ctrl-C to stop)")
     print(f"  demo page : {url}/")
     trust = f"--cacert {config.ca} " if config.ca else ""
     print(f"  curl      : curl -N {trust}{url}/v1/chat/completions -H 'Content-Type: application/json' \\")
