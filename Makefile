@@ -5,13 +5,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test notebooks bench lock clean exercise check-laptop
+.PHONY: run test notebooks bench lock clean exercise check-laptop proto
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("refimpl needs Python >= 3.11") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,notebooks,peers]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,notebooks,peers,grpc]'
 	touch $(STAMP)
 
 # The Node clients of tests/js (lesson 07), installed exactly as locked.
@@ -51,10 +51,16 @@ exercise: $(STAMP)
 check-laptop: $(STAMP)
 	@$(BIN)/python exercises/laptop.py
 
+# Regenerate refimpl/v1/ from proto/refimpl/v1/chat.proto (lesson 05): the
+# protobuf messages, the grpcio stubs, and the connectrpc server and clients.
+# Commit the result; tests/test_grpc_codegen.py fails when they drift apart.
+proto: $(STAMP)
+	$(BIN)/python -m refimpl.protogen
+
 # Re-pin every dependency to what resolves today (commit the result).
 lock:
 	rm -rf /tmp/refimpl-lock && $(PYTHON) -m venv /tmp/refimpl-lock
-	/tmp/refimpl-lock/bin/pip install --quiet -e '.[dev,notebooks,peers]'
+	/tmp/refimpl-lock/bin/pip install --quiet -e '.[dev,notebooks,peers,grpc]'
 	/tmp/refimpl-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from importlib import resources
 
 import trio
@@ -41,7 +42,7 @@ from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
 from .patterns.shutdown import Shutdown
-from .protocols import sse_chat, websocket_chat
+from .protocols import grpc_chat, http2, sse_chat, websocket_chat
 from .protocols.http_json import json_response
 
 log = logging.getLogger("refimpl")
@@ -66,6 +67,9 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
     sse_chat.register(app, engine)
     websocket_chat.register(app, engine, shutdown)
+    http2.register(app)  # server push and 103 Early Hints, shown (lesson 06)
+    # gRPC is not a Quart route: serve() puts connectrpc in front of the app.
+    app.extensions["refimpl.grpc"] = partial(grpc_chat.asgi, app, engine, config, shutdown)
 
     @app.get("/")
     async def index() -> Response:
@@ -174,6 +178,15 @@ def hypercorn_config(
     hc.certfile, hc.keyfile = certfile, keyfile
     hc.accesslog = None
     hc.errorlog = None  # the server must not print into notebook cells
+    # HTTP/2 limits that hypercorn's defaults set for web pages, not for
+    # streams (lesson 06): 100 streams per connection would queue a gRPC
+    # channel's 101st call; a connection closed after 1,000 requests would
+    # send a long-lived gRPC channel a GOAWAY mid-load.  (hypercorn's queue
+    # of 10 ASGI messages per stream, max_app_queue_size, stays: when it is
+    # full hypercorn stops reading the whole connection, so each bidi call
+    # reads its client's messages in a task of its own, grpc_chat.py.)
+    hc.h2_max_concurrent_streams = 1000
+    hc.keep_alive_max_requests = 1_000_000
     return hc
 
 
@@ -207,9 +220,12 @@ async def serve(
             await shutdown_trigger()
             await app.extensions["refimpl.shutdown"].drain()
 
+    # One ASGI app for every protocol: gRPC/Connect (grpc_chat.py) in front of Quart.
+    asgi = app.extensions["refimpl.grpc"]()
+
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(
-            app,
+            asgi,
             hypercorn_config(host, port, backlog, fd=fd, certfile=certfile, keyfile=keyfile),
             shutdown_trigger=trigger,
             task_status=task_status,

@@ -28,7 +28,12 @@ error object, and each protocol has one obvious way to say it (see
 * WebSocket: a ``{"type": "error", "id": ..., "error": ...}`` message, and the
   socket stays open for the next turn (the failure was the answer's, not the
   connection's).
-* gRPC (its own issue): a status code with the error object in its details.
+* gRPC: the call ends with a status code (``grpc-status``) chosen from the
+  HTTP status the same failure would get (Connect's table of codes and HTTP
+  statuses, read backwards), a message that starts with the OpenAI code, and
+  a ``google.rpc.ErrorInfo`` detail (``reason`` = the code, ``metadata`` =
+  type and param) that ``grpcio-status`` decodes.  Before the stream or in the
+  middle of it alike: gRPC's status always comes last, in the trailers.
 
 **The failures a model can have**, and the status each gets when it is still
 possible to send one (a non-streamed request).  ``FAILURES`` is the table;
@@ -59,6 +64,11 @@ from __future__ import annotations
 import logging
 import math
 from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError, ErrorDetail
+from google.rpc import error_details_pb2
+from protobuf.wkt import Any as AnyDetail
 
 from ..backend import ModelError
 from ..jsonwire import dumps, dumps_ascii
@@ -175,6 +185,37 @@ def ws_error_message(err: ModelError | APIError, gen_id: str | None = None) -> s
     error may quote a lone surrogate the client sent."""
     body = err.body() if isinstance(err, APIError) else model_failure_body(err)
     return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
+
+
+def error_object(err: ModelError | APIError) -> dict[str, Any]:
+    """The OpenAI error object of ``err``, wherever it happened."""
+    return (err.body() if isinstance(err, APIError) else model_failure_body(err))["error"]
+
+
+#: HTTP status -> gRPC status code (Connect's mapping, read backwards).
+_GRPC_CODE = {
+    400: Code.INVALID_ARGUMENT,
+    401: Code.UNAUTHENTICATED,
+    404: Code.NOT_FOUND,
+    408: Code.DEADLINE_EXCEEDED,
+    413: Code.RESOURCE_EXHAUSTED,
+    429: Code.RESOURCE_EXHAUSTED,
+    503: Code.UNAVAILABLE,
+    504: Code.DEADLINE_EXCEEDED,
+}
+
+
+def grpc_error(err: ModelError | APIError, gen_id: str | None = None) -> ConnectError:
+    """gRPC: a status for the trailers; the handler raises it and the call ends."""
+    status = err.status if isinstance(err, APIError) else FAILURES.get(err.code, (500, False))[0]
+    fields = error_object(err)
+    metadata = {"type": fields["type"], **({"param": fields["param"]} if fields["param"] else {})}
+    info = error_details_pb2.ErrorInfo(reason=fields["code"] or "", domain="refimpl", metadata=metadata)
+    any_info = AnyDetail(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=info.SerializeToString())
+    message = f"{fields['code']}: {fields['message']}" if fields["code"] else fields["message"]
+    if gen_id:
+        message += f" (generation {gen_id})"
+    return ConnectError(_GRPC_CODE.get(status, Code.INTERNAL), message, details=[ErrorDetail(any_info)])
 
 
 # endregion: mid-stream-error
