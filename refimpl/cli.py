@@ -173,9 +173,9 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttft-ms", type=float, default=None, help="simulate: delay before the first token")
     p.add_argument(
         "--protocol",
-        choices=("sse", "ws"),
+        choices=("sse", "ws", "grpc"),
         default="sse",
-        help="SSE (POST /v1/chat/completions) or WebSocket (/v1/ws/chat)",
+        help="SSE (POST /v1/chat/completions), WebSocket (/v1/ws/chat) or gRPC (refimpl.v1.ChatService, grpcio)",
     )
 
 
@@ -324,13 +324,23 @@ async def run_chat(args: argparse.Namespace) -> int:
                     if event.type == "error":
                         raise StreamError(event.error)
                     show(event)
+        elif args.protocol == "grpc":
+            from .grpc_client import stream_chat as grpc_stream_chat
+
+            start = trio.current_time()  # grpcio connects lazily: set-up counts, as for SSE
+            async with grpc_stream_chat(args.url, body) as events:
+                async for event in events:
+                    show(event)
         else:
             async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
                 start = trio.current_time()  # TTFT counts from the request, not client set-up
                 async for event in stream_chat(client, args.url, body):
                     show(event)
     except StreamError as err:
-        print(f"\nerror: {err.error}", file=sys.stderr)
+        if err.error.get("grpc_status") == "UNAVAILABLE" and not err.error.get("code"):
+            print(f"\ncannot reach {args.url}: {err.error['message']}", file=sys.stderr)
+        else:
+            print(f"\nerror: {err.error}", file=sys.stderr)
         return 1
     except (httpx.HTTPError, *CONNECT_ERRORS) as err:
         print(f"\ncannot reach {args.url}: {err or err.__cause__}", file=sys.stderr)
@@ -339,8 +349,8 @@ async def run_chat(args: argparse.Namespace) -> int:
     if first is None:
         print("(no content)")
         return 0
-    # SSE sends one event per token; a WebSocket message may carry several
-    # (all that were ready), so count tokens from usage when we have it.
+    # SSE sends one event per token; a WebSocket message or a gRPC chunk may
+    # carry several (all that were ready), so count tokens from usage.
     tokens = (usage or {}).get("completion_tokens", n)
     gaps = (last - first) / (tokens - 1) * 1000 if tokens > 1 else 0.0
     rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("inf")
@@ -418,6 +428,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"refimpl: cannot listen on {where}: {err.strerror}")
         sys.exit(code)
     elif args.command == "chat":
-        sys.exit(trio.run(run_chat, args))
+        try:
+            sys.exit(trio.run(run_chat, args))
+        except KeyboardInterrupt:  # Ctrl-C: the stream is closed (the server cancels), no traceback
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
     else:
         sys.exit(trio.run(args.run, args))

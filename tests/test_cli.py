@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import trio
+import trio.testing
 
 from refimpl.model import simulated_text
 
@@ -50,9 +52,40 @@ async def test_serve_then_chat_then_ctrl_c():
             assert await proc.wait() == 0  # Ctrl-C is a clean stop, not a traceback
 
 
-async def test_chat_reports_unreachable_server():
+@pytest.mark.parametrize("protocol", ["sse", "ws", "grpc"])
+async def test_chat_over_each_protocol_streams_the_same_text(server, protocol):
+    chat = await trio.run_process(
+        [PY, "-m", "refimpl", "chat", "Hello there", "--url", server.url, "--protocol", protocol],
+        capture_stdout=True,
+    )
+    text, stats = chat.stdout.decode().strip().split("\n")[-2:]
+    assert text == "".join(simulated_text("Hello there", 0)[:24])
+    assert "'completion_tokens': 24" in stats
+
+
+async def test_chat_over_grpc_interrupted_cancels_the_generation(server):
+    """Ctrl-C in ``refimpl chat --protocol grpc``: a clean exit, and grpcio
+    resets the stream, so the server stops the model (client_cancel)."""
+    proc = await trio.lowlevel.open_process(
+        [PY, "-m", "refimpl", "chat", "hi", "--url", server.url, "--protocol", "grpc", "--itl-ms", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(30):
+        while not server.engine.active:  # the call arrived and its model runs
+            await trio.testing.wait_all_tasks_blocked()
+        gen = next(iter(server.engine.active.values()))
+        proc.send_signal(signal.SIGINT)
+        assert await proc.wait() == 130
+        await gen.ended.wait()
+    assert (gen.trace.events[-1].name, gen.trace.events[-1].detail) == ("cancelled", "client_cancel")
+    assert b"Traceback" not in await proc.stderr.receive_some(65536)
+
+
+@pytest.mark.parametrize("protocol", ["sse", "grpc"])
+async def test_chat_reports_unreachable_server(protocol):
     result = await trio.run_process(
-        [PY, "-m", "refimpl", "chat", "hi", "--url", "http://127.0.0.1:9"],
+        [PY, "-m", "refimpl", "chat", "hi", "--url", "http://127.0.0.1:9", "--protocol", protocol],
         capture_stderr=True,
         check=False,
     )
@@ -60,9 +93,10 @@ async def test_chat_reports_unreachable_server():
     assert b"cannot reach" in result.stderr and b"Traceback" not in result.stderr
 
 
-async def test_chat_prints_server_errors(server):
+@pytest.mark.parametrize("protocol", ["sse", "grpc"])
+async def test_chat_prints_server_errors(server, protocol):
     result = await trio.run_process(
-        [PY, "-m", "refimpl", "chat", "hi", "--url", server.url, "--model", "nope"],
+        [PY, "-m", "refimpl", "chat", "hi", "--url", server.url, "--model", "nope", "--protocol", protocol],
         capture_stderr=True,
         check=False,
     )

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 import trio
+import trio.testing
 from conftest import chat_body
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -64,8 +65,9 @@ async def ended(server, gen_id: str) -> dict:
 
 async def only_active(server):
     """The one generation running now (a call whose headers we have not seen)."""
-    while len(server.engine.active) + len(server.engine.queued) != 1:
-        await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(10):
+        while len(server.engine.active) + len(server.engine.queued) != 1:
+            await trio.testing.wait_all_tasks_blocked()
     return next(iter({**server.engine.active, **server.engine.queued}.values()))
 
 

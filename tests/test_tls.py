@@ -123,3 +123,17 @@ async def test_tls_flags_that_do_not_go_together():
             [sys.executable, "-m", "refimpl", "serve", *flags], capture_stderr=True, check=False
         )
         assert result.returncode == 2 and says in result.stderr, (flags, result.stderr)
+
+
+async def test_grpc_over_tls_with_the_local_ca(nursery, tmp_path, monkeypatch):
+    """grpcio's secure channel (ALPN h2) trusting the CA ``refimpl serve --tls``
+    prints, through ``refimpl chat --protocol grpc``'s client: SSL_CERT_FILE."""
+    from refimpl.grpc_client import stream_chat
+
+    server, _ = await start_tls_server(nursery, tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    body = chat_body("over TLS")
+    async with stream_chat(server.url, body) as events:
+        chunks = [event async for event in events]
+    assert "".join(c.content for c in chunks) == "".join(simulated_text("over TLS", 0)[:24])
+    assert chunks[-1].usage["completion_tokens"] == 24
