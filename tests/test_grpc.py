@@ -18,10 +18,12 @@ import grpc.aio
 import pytest
 import trio
 import trio.testing
-from conftest import chat_body
+from conftest import TEST_SIMULATE, Server, chat_body
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from refimpl.app import create_app, serve
+from refimpl.config import Config
 from refimpl.v1 import chat_pb2 as pb
 from refimpl.v1 import chat_pb2_grpc
 
@@ -376,3 +378,54 @@ async def test_keepalive_pings_are_answered_while_the_model_is_silent(server):
 
     chunks = await trio.to_thread.run_sync(call)
     assert chunks[-1].finish_reason == "stop"
+
+
+# -- graceful shutdown ---------------------------------------------------------------
+async def test_shutdown_ends_grpc_calls_with_unavailable(nursery):
+    """The drain (patterns/shutdown.py) ends a running StreamChat and an idle
+    bidi Chat with UNAVAILABLE / server_shutdown, and the server stops."""
+    app = create_app(Config(simulate=TEST_SIMULATE, drain_timeout=0.2))
+    trigger, stopped = trio.Event(), trio.Event()
+
+    async def run_server(task_status=trio.TASK_STATUS_IGNORED):
+        await serve(app, shutdown_trigger=trigger.wait, task_status=task_status)
+        stopped.set()
+
+    server = Server(await nursery.start(run_server), app)
+    results: dict[str, tuple] = {}
+
+    def streaming() -> None:
+        with grpc.insecure_channel(target(server)) as channel:
+            try:
+                list(stub_for(channel).StreamChat(request(simulate=pb.Simulate(ttft_ms=60_000))))
+            except grpc.RpcError as err:
+                results["stream"] = status_of(err)[:2]
+
+    def idle_bidi(opened: trio.Event, token) -> None:
+        out = Outbox()
+        with grpc.insecure_channel(target(server)) as channel:
+            call = stub_for(channel).Chat(iter(out))
+            trio.from_thread.run_sync(opened.set, trio_token=token)
+            try:
+                list(call)
+            except grpc.RpcError as err:
+                results["bidi"] = status_of(err)[:2]
+            out.close()
+
+    shutdown = app.extensions["refimpl.shutdown"]
+    async with trio.open_nursery() as clients:
+        clients.start_soon(trio.to_thread.run_sync, streaming)
+        await only_active(server)
+        opened = trio.Event()
+        clients.start_soon(trio.to_thread.run_sync, idle_bidi, opened, trio.lowlevel.current_trio_token())
+        await opened.wait()
+        with trio.fail_after(10):
+            while not shutdown._sockets:  # the bidi call is tracked: it reached the handler
+                await trio.testing.wait_all_tasks_blocked()
+        trigger.set()
+    with trio.fail_after(30):
+        await stopped.wait()
+    assert results == {
+        "stream": (grpc.StatusCode.UNAVAILABLE, "server_shutdown"),
+        "bidi": (grpc.StatusCode.UNAVAILABLE, "server_shutdown"),
+    }
