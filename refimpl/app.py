@@ -220,8 +220,9 @@ async def serve(
             await shutdown_trigger()
             await app.extensions["refimpl.shutdown"].drain()
 
-    # One ASGI app for every protocol: gRPC/Connect (grpc_chat.py) in front of Quart.
-    asgi = app.extensions["refimpl.grpc"]()
+    # One ASGI app for every protocol: gRPC/Connect (grpc_chat.py) in front of
+    # Quart.  (A lesson's own small app, examples/, has no gRPC: served as is.)
+    asgi = app.extensions["refimpl.grpc"]() if "refimpl.grpc" in app.extensions else app
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(

@@ -63,16 +63,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
-
-from connectrpc.code import Code
-from connectrpc.errors import ConnectError, ErrorDetail
-from google.rpc import error_details_pb2
-from protobuf.wkt import Any as AnyDetail
+from typing import TYPE_CHECKING, Any
 
 from ..backend import ModelError
 from ..jsonwire import dumps, dumps_ascii
 from ..sse import encode
+
+if TYPE_CHECKING:  # connectrpc pulls in sockets: the sans-IO modules that import us must not
+    from connectrpc.errors import ConnectError
 
 log = logging.getLogger("refimpl")
 
@@ -194,19 +192,24 @@ def error_object(err: ModelError | APIError) -> dict[str, Any]:
 
 #: HTTP status -> gRPC status code (Connect's mapping, read backwards).
 _GRPC_CODE = {
-    400: Code.INVALID_ARGUMENT,
-    401: Code.UNAUTHENTICATED,
-    404: Code.NOT_FOUND,
-    408: Code.DEADLINE_EXCEEDED,
-    413: Code.RESOURCE_EXHAUSTED,
-    429: Code.RESOURCE_EXHAUSTED,
-    503: Code.UNAVAILABLE,
-    504: Code.DEADLINE_EXCEEDED,
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 
 def grpc_error(err: ModelError | APIError, gen_id: str | None = None) -> ConnectError:
     """gRPC: a status for the trailers; the handler raises it and the call ends."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError, ErrorDetail
+    from google.rpc import error_details_pb2
+    from protobuf.wkt import Any as AnyDetail
+
     status = err.status if isinstance(err, APIError) else FAILURES.get(err.code, (500, False))[0]
     fields = error_object(err)
     metadata = {"type": fields["type"], **({"param": fields["param"]} if fields["param"] else {})}
@@ -215,7 +218,8 @@ def grpc_error(err: ModelError | APIError, gen_id: str | None = None) -> Connect
     message = f"{fields['code']}: {fields['message']}" if fields["code"] else fields["message"]
     if gen_id:
         message += f" (generation {gen_id})"
-    return ConnectError(_GRPC_CODE.get(status, Code.INTERNAL), message, details=[ErrorDetail(any_info)])
+    code = Code[_GRPC_CODE.get(status, "INTERNAL")]
+    return ConnectError(code, message, details=[ErrorDetail(any_info)])
 
 
 # endregion: mid-stream-error
