@@ -7,16 +7,24 @@ watch tokens land, click **Stop**.  Each test proves one promise of the page:
 * the live numbers (TTFT, tokens, tokens/s, last ITL) move *while* tokens
   stream, not only at the end (the bug: the status stayed at "waiting for
   the first token…" for the whole stream);
-* the WebSocket carries the same text as SSE, turn after turn on one socket;
+* the WebSocket (turn after turn on one socket) and gRPC via Connect carry
+  the same text as SSE;
 * the knobs reach the server (the generation's own ``simulate`` settings);
 * a mid-stream failure, and a request refused before the stream, are shown
-  as errors with their code and message, and the status says "failed";
+  as errors with their (OpenAI) code and message, and the status says
+  "failed"; over Connect the code comes from the end-of-stream envelope's
+  ``google.rpc.ErrorInfo``;
 * SSE heartbeats (``: ping``) are counted on the page, one for each the
   server's trace recorded; WebSocket pings are said to be invisible, and
   drawn from the trace;
 * the timeline SVG holds exactly the trace's events;
 * Stop cancels the generation: ``client_disconnect`` on SSE (the page hangs
-  up), ``client_cancel`` on WebSocket (the page sends a cancel message).
+  up), ``client_cancel`` on WebSocket (the page sends a cancel message) and
+  on Connect (the page hangs up, and a gRPC server cannot tell why).
+
+How the Connect transport decodes an envelope split across network reads is
+tested in Node (``tests/js/connect_envelope.test.mjs``): a browser gives no
+say over where its reads end.
 
 Waits use Playwright's auto-retrying ``expect`` and ``wait_for_function``:
 no sleeps, and no assertion on how long anything took.  Chromium is Debian's
@@ -55,6 +63,7 @@ ARGS = [
 SCREENSHOT = Path(__file__).resolve().parent.parent / "bench-results" / "demo-page.png"
 ENDED = re.compile(r"^(done|failed|stopped|cancelled)")
 WS_PINGS = "not visible to browser JS on WebSocket"
+CONNECT_PINGS = "none on Connect"
 
 
 @dataclass
@@ -179,28 +188,33 @@ async def test_status_is_live_while_tokens_stream(server):
     assert ("first_token", "", 1) in seen["timeline"]
 
 
-async def test_websocket_shows_the_same_text_as_sse(server):
+@pytest.mark.parametrize(
+    ("protocol", "traced_as", "pings"),
+    [("websocket", "websocket", WS_PINGS), ("connect", "grpc", CONNECT_PINGS)],
+)
+async def test_other_protocols_show_the_same_text_as_sse(server, protocol, traced_as, pings):
     def drive(demo: Demo) -> dict:
         demo.knobs(tokens=25, itl=5)
         sse = {"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()}
-        demo.protocol("websocket")
-        ws = [{"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()}]
-        ws.append({"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()})
-        return {"sse": sse, "ws": ws, "pings": demo.text("#stat-pings"), "timeline": demo.timeline()}
+        demo.protocol(protocol)
+        turns = [{"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()}]
+        turns.append({"status": demo.turn(), "output": demo.text("#output"), "id": demo.generation_id()})
+        return {"sse": sse, "turns": turns, "pings": demo.text("#stat-pings"), "timeline": demo.timeline()}
 
     seen = await run_page(server, drive)
     assert seen["sse"]["status"].startswith("done: 25 tokens")
     assert len(seen["sse"]["output"].split()) >= 5
-    for turn in seen["ws"]:  # two turns, one socket (the page opens it once)
+    for turn in seen["turns"]:  # two turns (on WebSocket, one socket: the page opens it once)
         assert turn["status"].startswith("done: 25 tokens")
+        assert turn["status"].endswith("finish_reason stop")
         assert turn["output"] == seen["sse"]["output"]
-        assert (await server.trace(turn["id"]))["protocol"] == "websocket"
+        assert (await server.trace(turn["id"]))["protocol"] == traced_as
     assert (await server.trace(seen["sse"]["id"]))["protocol"] == "sse"
-    assert seen["pings"].startswith(WS_PINGS)
-    assert seen["timeline"] == drawn_as_traced(await server.trace(seen["ws"][1]["id"]))
+    assert seen["pings"].startswith(pings)
+    assert seen["timeline"] == drawn_as_traced(await server.trace(seen["turns"][1]["id"]))
 
 
-@pytest.mark.parametrize("protocol", ["sse", "websocket"])
+@pytest.mark.parametrize("protocol", ["sse", "websocket", "connect"])
 async def test_knobs_reach_the_server(server, protocol):
     def drive(demo: Demo) -> dict:
         demo.protocol(protocol)
@@ -215,7 +229,18 @@ async def test_knobs_reach_the_server(server, protocol):
     assert seen["status"].startswith("done: 7 tokens")
 
 
-@pytest.mark.parametrize("protocol", ["sse", "websocket"])
+#: The message under the error, per protocol.  Connect's reads as connect-es
+#: shows it: the Connect code, then the server's message, which starts with
+#: the OpenAI code and ends with the generation (patterns/errors.py).
+FAILED_MESSAGE = "The model failed while generating (overloaded)."
+FAILED_MESSAGES = {
+    "sse": FAILED_MESSAGE,
+    "websocket": FAILED_MESSAGE,
+    "connect": f"[unavailable] overloaded: {FAILED_MESSAGE} (generation {{id}})",
+}
+
+
+@pytest.mark.parametrize("protocol", ["sse", "websocket", "connect"])
 async def test_a_midstream_failure_is_shown_as_an_error(server, protocol):
     def drive(demo: Demo) -> dict:
         demo.protocol(protocol)
@@ -235,23 +260,40 @@ async def test_a_midstream_failure_is_shown_as_an_error(server, protocol):
     seen = await run_page(server, drive)
     assert seen["status"] == "failed: overloaded after 3 tokens"
     assert seen["code"] == "overloaded · server_error"
-    assert seen["message"] == "The model failed while generating (overloaded)."
+    assert seen["message"] == FAILED_MESSAGES[protocol].format(id=seen["id"])
     assert seen["role"] == "alert"
     assert seen["output"]  # the partial text stays, under an error, not a "done"
     assert seen["timeline"][-1] == ("error", "overloaded", 3)
     assert seen["timeline"] == drawn_as_traced(await server.trace(seen["id"]))
 
 
-async def test_a_refused_request_is_shown_as_an_error(server):
+@pytest.mark.parametrize(
+    ("protocol", "code"),
+    [
+        ("sse", "HTTP 400 · invalid_value · invalid_request_error"),
+        # A Connect stream is a 200 even when refused: the error is in its
+        # end-of-stream envelope, code invalid_argument.
+        ("connect", "invalid_value · invalid_request_error"),
+    ],
+)
+async def test_a_refused_request_is_shown_as_an_error(server, protocol, code):
     def drive(demo: Demo) -> dict:
+        demo.protocol(protocol)
         demo.knobs(tokens=-1)  # simulate.tokens must be >= 0: HTTP 400
         demo.page.click("#send")
         expect(demo.page.locator("#error")).to_be_visible()
-        return {"status": demo.text("#status"), "code": demo.text("#error-code"), "timeline": demo.timeline()}
+        expect(demo.page.locator("#trace")).to_contain_text("no generation")
+        return {
+            "status": demo.text("#status"),
+            "code": demo.text("#error-code"),
+            "message": demo.text("#error-message"),
+            "timeline": demo.timeline(),
+        }
 
     seen = await run_page(server, drive)
     assert seen["status"] == "failed: invalid_value after 0 tokens"
-    assert seen["code"] == "HTTP 400 · invalid_value · invalid_request_error"
+    assert seen["code"] == code
+    assert "'simulate.tokens' must be a number from 0 to 1e9." in seen["message"]
     assert seen["timeline"] == []  # no generation, so no trace
 
 
@@ -292,7 +334,8 @@ async def test_pings_are_shown(start_server):
 
 
 @pytest.mark.parametrize(
-    ("protocol", "reason"), [("sse", "client_disconnect"), ("websocket", "client_cancel")]
+    ("protocol", "reason"),
+    [("sse", "client_disconnect"), ("websocket", "client_cancel"), ("connect", "client_cancel")],
 )
 async def test_stop_cancels_the_generation(server, protocol, reason):
     def drive(demo: Demo) -> dict:

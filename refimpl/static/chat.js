@@ -2,31 +2,35 @@
 // as it arrives with live numbers (TTFT, tokens, tokens/s, last ITL, pings),
 // show a failure as a failure, and when the turn ends draw the server's
 // trace of it.  The pieces, one idea a file:
-//   transport_sse.js   POST + fetch reader + sse.js parser   (lessons 01, 04)
-//   transport_ws.js    the /v1/ws/chat WebSocket              (lesson 03)
-//   stats.js           the live numbers, measured in the browser
-//   timeline.js        the trace as an SVG timeline
-// Both transports return the same outcome objects, so this file does not
+//   transport_sse.js      POST + fetch reader + sse.js parser   (lessons 01, 04)
+//   transport_ws.js       the /v1/ws/chat WebSocket              (lesson 03)
+//   transport_connect.js  gRPC StreamChat over Connect, fetch    (lesson 05)
+//   stats.js              the live numbers, measured in the browser
+//   timeline.js           the trace as an SVG timeline
+// The transports return the same outcome objects, so this file does not
 // care which protocol carried the turn.
 import { StreamStats } from "./stats.js";
 import { drawTimeline, traceAsText } from "./timeline.js";
+import { streamOverConnect } from "./transport_connect.js";
 import { streamOverSSE } from "./transport_sse.js";
 import { streamOverWebSocket } from "./transport_ws.js";
 
 const $ = (id) => document.getElementById(id);
 // Each protocol: how to stream a turn, and whether the page can see its
 // heartbeats.  SSE pings are bytes in the body; WebSocket pings are control
-// frames the browser answers itself, never shown to JavaScript.
+// frames the browser answers itself, never shown to JavaScript; a Connect
+// stream has none (liveness is HTTP/2 PING's job).
 const PROTOCOLS = {
   sse: { stream: streamOverSSE, hiddenPings: null },
   websocket: {
     stream: streamOverWebSocket,
     hiddenPings: "not visible to browser JS on WebSocket (the timeline shows the server's)",
   },
+  connect: { stream: streamOverConnect, hiddenPings: "none on Connect: it has no heartbeat message" },
 };
 let stop = null; // the AbortController of the running turn: Stop aborts it
 
-// The request both protocols send: the prompt and the simulated model's knobs.
+// The request every protocol sends: the prompt and the simulated model's knobs.
 function readRequest() {
   const number = (id) => Number($(id).value);
   const simulate = { ttft_ms: number("ttft"), itl_ms: number("itl"), tokens: number("tokens") };
