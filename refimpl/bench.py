@@ -62,12 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
     from .bench_backpressure import add_parser as add_backpressure_parser  # (they import this module)
     from .bench_cancel import add_parser as add_cancel_parser
+    from .bench_protocols import add_parser as add_protocols_parser
 
     scenarios = p.add_subparsers(dest="scenario", title="scenarios")
     for name in SCENARIOS:
         add_options(scenarios.add_parser(name, help=HELP[name]), name)
     add_cancel_parser(scenarios)
     add_backpressure_parser(scenarios)
+    add_protocols_parser(scenarios)
 
 
 async def show_progress(label: str, total: int, count: Callable[[], int]) -> None:
