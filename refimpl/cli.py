@@ -282,6 +282,7 @@ def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
         me = f"SSL_CERT_FILE={config.ca} {me}"
     print(f'  python    : {me} chat "Why stream tokens?" --url {url}')
     print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
+    print(f'  gRPC      : {me} chat "Why stream tokens?" --url {url} --protocol grpc')
     print(f"  metrics   : {url}/metrics", flush=True)
     if config.certfile:
         trust = f"; clients trust {config.ca}" if config.ca else ""

@@ -429,3 +429,16 @@ async def test_shutdown_ends_grpc_calls_with_unavailable(nursery):
         "stream": (grpc.StatusCode.UNAVAILABLE, "server_shutdown"),
         "bidi": (grpc.StatusCode.UNAVAILABLE, "server_shutdown"),
     }
+
+
+def test_a_slow_consumer_is_resource_exhausted_not_a_deadline():
+    """A client the server dropped for reading too slowly (lesson 10) must not
+    read as its own deadline passing: RESOURCE_EXHAUSTED, not the 408's
+    DEADLINE_EXCEEDED."""
+    from connectrpc.code import Code
+
+    from refimpl.backend import ModelError
+    from refimpl.patterns import errors
+
+    err = errors.grpc_error(ModelError("slow_consumer", "too slow"))
+    assert err.code == Code.RESOURCE_EXHAUSTED and err.message.startswith("slow_consumer: ")

@@ -185,6 +185,10 @@ def ws_error_message(err: ModelError | APIError, gen_id: str | None = None) -> s
     return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
 
 
+# endregion: mid-stream-error
+
+
+# region: grpc-status
 def error_object(err: ModelError | APIError) -> dict[str, Any]:
     """The OpenAI error object of ``err``, wherever it happened."""
     return (err.body() if isinstance(err, APIError) else model_failure_body(err))["error"]
@@ -218,11 +222,14 @@ def grpc_error(err: ModelError | APIError, gen_id: str | None = None) -> Connect
     message = f"{fields['code']}: {fields['message']}" if fields["code"] else fields["message"]
     if gen_id:
         message += f" (generation {gen_id})"
-    code = Code[_GRPC_CODE.get(status, "INTERNAL")]
+    # A client too slow to keep up: a resource the server ran out of, not a
+    # deadline (a gRPC client reads DEADLINE_EXCEEDED as its own deadline).
+    name = "RESOURCE_EXHAUSTED" if fields["code"] == "slow_consumer" else _GRPC_CODE.get(status, "INTERNAL")
+    code = Code[name]
     return ConnectError(code, message, details=[ErrorDetail(any_info)])
 
 
-# endregion: mid-stream-error
+# endregion: grpc-status
 
 
 def cancelled_error(reason: str) -> ModelError:

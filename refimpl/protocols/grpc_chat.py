@@ -42,9 +42,14 @@ arrives.  The reason in the trace is ``deadline`` when the call's deadline
 is silent, and needs none from us: liveness is HTTP/2's job.  Clients send
 PING frames (RFC 9113 §6.7; grpcio's ``grpc.keepalive_time_ms``, gRFC A8),
 which hypercorn's h2 answers at once, even while every stream is silent; an
-unanswered ping tells the *client* its connection is dead.  Our side is
-covered by the stall guard (a write that waits ``--stall-timeout``) as for
-SSE: the watchdog is put in the scope here, as ``sse_chat`` does.
+unanswered ping tells the *client* its connection is dead.  A client that
+stops reading is the stall guard's (``--stall-timeout``): the watchdog is put
+in the scope here as ``sse_chat`` does, and it drops a Connect or gRPC-Web
+call over HTTP/1.1 whose write waits that long.  Over HTTP/2 a stalled call
+waits for its flow-control window instead, its model paused
+(``hypercorn_h2.py``), and the watchdog, which lives in hypercorn's HTTP/1.1
+protocol, does not see it: such a call lasts until the client resets it or
+closes the connection (lesson 06).
 """
 
 from __future__ import annotations
