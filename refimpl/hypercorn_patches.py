@@ -2,9 +2,11 @@
 
 Strategy
 --------
-refimpl runs on stock hypercorn (its trio worker), and changes two things
+refimpl runs on stock hypercorn (its trio worker), and changes three things
 about it that no configuration can: a faster write path for token streams,
-and a watchdog under each WebSocket and each SSE response.  Both are
+a watchdog under each WebSocket and each SSE response, and HTTP/2 flow
+control that pauses a stream whose window is closed (``hypercorn_h2.py``,
+installed from here; lesson 06).  The first two are
 subclasses of hypercorn classes that override methods hypercorn does not
 promise to keep, and both must replace hypercorn's own classes process-wide,
 since hypercorn creates those objects itself.  Such patches are safe only while the code under them
@@ -70,10 +72,19 @@ blocks).  It is safe because of when it is taken:
 
 What it gives up: the stock path passes through the scheduler on every write,
 which is what lets other tasks run while one writer streams flat out.  The
-fast path yields only on every ``YIELD_EVERY``-th write, with
-``trio.lowlevel.checkpoint()`` *before* that write: that is also where a
-cancelled writer (the client went away, the server is shutting down) learns
-about it, before any byte of the event left, as in the stock path.  A writer
+fast path yields only on every ``YIELD_EVERY``-th write, by sending that
+write the stock way: that is also where a cancelled writer (the client went
+away, the server is shutting down) learns about it, before any byte of the
+event left.  It must be the stock way, lock first, and not a bare
+``trio.lowlevel.checkpoint()`` before a fast write: on HTTP/2 many tasks
+write to one socket, each sending the bytes it has just taken from the
+connection's shared ``h2`` state, and those must reach the socket in the
+order they were taken (HPACK's header table is shared, RFC 7541 §2.3.2).  A
+writer parked at a bare checkpoint with its bytes in hand found the lock
+free when it woke, after another writer's newer bytes had gone out: 200 gRPC
+calls on one connection came back with 2-37 % of them broken (ten runs)
+(``tests/test_grpc.py``).  The stock path holds the lock across its yield,
+so a writer behind it queues instead.  A writer
 that waits for its model yields there anyway, and refimpl's own writers also
 pass one checkpoint per write when tokens are ready (``Generation.pull``), so
 for them the forced yield is a second one every eighth write; it matters to
@@ -132,8 +143,9 @@ each write, the stall guard, dropping.  :class:`WatchedWSStream` is
 hypercorn's WebSocket stream with it and the keepalive;
 :class:`WatchedHTTPStream` is hypercorn's request stream with it, timing
 every message of the response.  hypercorn's HTTP/1.1 protocol is made to use
-both; HTTP/2 (SSE over h2c or TLS ALPN, WebSocket over HTTP/2, RFC 8441)
-keeps stock behaviour.  A route opts in per connection by putting a
+both; over HTTP/2 (SSE over h2c or TLS ALPN, gRPC, WebSocket over HTTP/2,
+RFC 8441) there is no watchdog: a stalled reader there waits for its stream's
+flow-control window, its model paused (``hypercorn_h2.py``).  A route opts in per connection by putting a
 :class:`Watchdog` with its settings into the ASGI scope *before* it accepts
 (WebSocket) or returns its response (SSE); the stream reads it when the
 handshake completes or the response starts.  One stall is not dropped at
@@ -195,6 +207,7 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
+from . import hypercorn_h2
 from .patterns import heartbeat
 
 log = logging.getLogger("refimpl")
@@ -215,6 +228,7 @@ WRITTEN_FOR = {
     "HTTPStream.app_send": "c806044b99736985",
     "H11Protocol._maybe_recycle": "3ac53f52bc4e65de",
     "worker_serve": "8dc8347a9fc357ca",
+    **hypercorn_h2.WRITTEN_FOR,  # HTTP/2 flow control: hypercorn_h2.py
 }
 # endregion: written-for
 
@@ -242,7 +256,10 @@ class FastTCPServer(TCPServer):
             return await super().protocol_send(event)
         self._writes += 1
         if self._writes % YIELD_EVERY == 0:
-            await trio.lowlevel.checkpoint()  # let others run; deliver a cancel
+            # Let others run (and deliver a cancel) the stock way, which takes
+            # the lock *before* it yields: a bare checkpoint here would let
+            # another writer's fast path overtake these bytes (below).
+            return await super().protocol_send(event)
         data = event.data
         fd = self.stream.socket.fileno()  # -1 once closed: never a stale fd
         if self.send_lock.locked() or fd == -1 or not data:
@@ -537,7 +554,11 @@ def fingerprints() -> dict[str, str]:
         "H11Protocol._maybe_recycle": hypercorn_h11.H11Protocol._maybe_recycle,
         "worker_serve": hypercorn_run.worker_serve,
     }
-    return {"version": version("hypercorn"), **{name: _fingerprint(f) for name, f in methods.items()}}
+    return {
+        "version": version("hypercorn"),
+        **{name: _fingerprint(f) for name, f in methods.items()},
+        **hypercorn_h2.fingerprints(),
+    }
 
 
 # region: install
@@ -545,8 +566,8 @@ def install(fastwrite: bool | None = None) -> bool:
     """Put the patches in; returns whether the write fast path is on.
 
     The watchdog goes into hypercorn's HTTP/1.1 protocol only, for its
-    WebSocket and its request streams; HTTP/2 (h2c and TLS ALPN, WebSocket
-    over HTTP/2 too) keeps stock behaviour, which is the HTTP/2 issue's work.
+    WebSocket and its request streams; HTTP/2 gets the flow-control fix of
+    ``hypercorn_h2.py`` instead (off with ``REFIMPL_H2_FLOW=0``).
 
     ``fastwrite=None`` reads ``REFIMPL_FASTWRITE`` (anything but ``0`` means
     on); ``False`` keeps hypercorn's own ``TCPServer``.  The batched accept
@@ -567,11 +588,12 @@ def install(fastwrite: bool | None = None) -> bool:
         changed = sorted(k for k in WRITTEN_FOR if k != "version" and found.get(k) != WRITTEN_FOR[k])
         log.warning(
             "refimpl's hypercorn patches were written for hypercorn %s; this is %s%s: re-read "
-            "hypercorn_patches.py against it",
+            "hypercorn_patches.py and hypercorn_h2.py against it",
             WRITTEN_FOR["version"],
             found["version"],
             f", and the source of {', '.join(changed)} changed" if changed else "",
         )
+    hypercorn_h2.install()  # HTTP/2 flow control; refuses (installing nothing) if it cannot
     if fastwrite is None:
         fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"
     hypercorn_run.TCPServer = FastTCPServer if fastwrite else STOCK_TCP_SERVER

@@ -2,7 +2,8 @@
 
 ``refimpl/hypercorn_patches.py`` replaces three hypercorn classes process-wide
 (the write fast path; the watchdog's WebSocket and HTTP/1.1 streams), and the
-listener class hypercorn's trio worker builds (the batched accept).  Overriding methods a library
+listener class hypercorn's trio worker builds (the batched accept); and
+``refimpl/hypercorn_h2.py``, which it installs, two more (HTTP/2 flow control).  Overriding methods a library
 does not promise to keep is safe only while the code under the overrides is
 the code they were written against, so:
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 import inspect
 import logging
 
+import hypercorn.protocol as hypercorn_protocol
+import hypercorn.protocol.h2 as hypercorn_h2_module
 import hypercorn.protocol.h11 as hypercorn_h11
 import hypercorn.trio.run as hypercorn_run
 import pytest
@@ -30,7 +33,7 @@ from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
-from refimpl import hypercorn_patches
+from refimpl import hypercorn_h2, hypercorn_patches
 from refimpl.hypercorn_patches import WRITTEN_FOR, FastTCPServer, WatchedWSStream
 
 
@@ -41,6 +44,8 @@ def restore_hypercorn(monkeypatch):
     monkeypatch.setattr(hypercorn_h11, "WSStream", hypercorn_h11.WSStream)
     monkeypatch.setattr(hypercorn_h11, "HTTPStream", hypercorn_h11.HTTPStream)
     monkeypatch.setattr(hypercorn_run, "trio", hypercorn_run.trio)
+    monkeypatch.setattr(hypercorn_protocol, "H2Protocol", hypercorn_protocol.H2Protocol)
+    monkeypatch.setattr(hypercorn_h2_module, "StreamBuffer", hypercorn_h2_module.StreamBuffer)
 
 
 def test_hypercorn_is_what_the_patches_were_written_for():
@@ -51,14 +56,18 @@ def test_hypercorn_is_what_the_patches_were_written_for():
         "WSStream": inspect.getsourcefile(WSStream),
         "HTTPStream": inspect.getsourcefile(HTTPStream),
         "H11Protocol": inspect.getsourcefile(hypercorn_h11),
+        "StreamBuffer": inspect.getsourcefile(hypercorn_h2_module),
+        "H2Protocol": inspect.getsourcefile(hypercorn_h2_module),
     }
     reread = [f"{name} ({files[name.partition('.')[0]]})" for name in changed if name != "version"]
     assert found == WRITTEN_FOR, (
         f"hypercorn changed under refimpl/hypercorn_patches.py (installed {found['version']}, "
         f"written for {WRITTEN_FOR['version']}; changed: {', '.join(changed)}).  Re-read "
         f"{', '.join(reread) or 'the methods in WRITTEN_FOR'} against FastTCPServer.protocol_send "
-        "and the Watched* stream classes and the module docstring's argument for why they are safe; fix the "
-        "overrides if it no longer holds, then copy the new values of fingerprints() into WRITTEN_FOR."
+        "and the Watched* stream classes (the HTTP/2 methods against hypercorn_h2.py's classes) and the "
+        "modules' docstrings' argument for why they are safe; fix the overrides if it no longer holds, "
+        "then copy the new values of fingerprints() into WRITTEN_FOR (hypercorn_h2.WRITTEN_FOR for the "
+        "HTTP/2 ones)."
     )
 
 
@@ -70,6 +79,17 @@ def test_fingerprints_are_of_the_stock_classes_not_ours():
     assert hypercorn_patches.fingerprints() == WRITTEN_FOR
 
 
+def test_the_http2_patch_is_under_the_same_check():
+    """hypercorn_h2.py's overrides are fingerprinted in WRITTEN_FOR, so the
+    test above fails when one of those hypercorn methods changes too."""
+    assert hypercorn_h2.WRITTEN_FOR.items() <= WRITTEN_FOR.items()
+    assert hypercorn_h2.fingerprints().items() <= hypercorn_patches.fingerprints().items()
+    hypercorn_patches.install(True)
+    assert hypercorn_protocol.H2Protocol is hypercorn_h2.FlowH2Protocol
+    assert hypercorn_h2_module.StreamBuffer is hypercorn_h2.FlowStreamBuffer
+    assert hypercorn_h2.fingerprints() == hypercorn_h2.WRITTEN_FOR  # of hypercorn's classes, not ours
+
+
 class Impostor:
     """What a future hypercorn might have put where the patched class was."""
 
@@ -79,6 +99,8 @@ SWAPPED = {
     "TCPServer": (hypercorn_run, "TCPServer"),
     "WSStream": (hypercorn_h11, "WSStream"),
     "HTTPStream": (hypercorn_h11, "HTTPStream"),
+    "H2Protocol": (hypercorn_protocol, "H2Protocol"),
+    "StreamBuffer": (hypercorn_h2_module, "StreamBuffer"),
 }
 
 
@@ -101,7 +123,7 @@ def test_install_warns_when_hypercorn_changed_and_still_installs(monkeypatch, ca
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
         f"refimpl's hypercorn patches were written for hypercorn {WRITTEN_FOR['version']}; this is 0.19.0, "
-        "and the source of WSStream.handle changed: re-read hypercorn_patches.py against it"
+        "and the source of WSStream.handle changed: re-read hypercorn_patches.py and hypercorn_h2.py against it"
     )
     assert hypercorn_run.TCPServer is FastTCPServer and hypercorn_h11.WSStream is WatchedWSStream
 
