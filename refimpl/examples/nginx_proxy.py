@@ -1,4 +1,4 @@
-"""A real nginx in front of a refimpl server, on a loopback port (lesson 08).
+"""A real nginx in front of a refimpl server, on loopback ports (lessons 08 and 12).
 
 Strategy
 --------
@@ -19,6 +19,11 @@ documentation says, and what we rely on:
 * ``proxy_http_version`` defaults to 1.0 towards the upstream; 1.1 is needed
   for chunked bodies and kept-alive upstream connections (and, measured, for
   hypercorn to end a stream at all: see ``nginx.conf``).
+* ``grpc_pass`` proxies over HTTP/2 to the upstream, and needs HTTP/2 from
+  the client, which on a port without TLS means ``listen ... http2``.  On
+  nginx 1.22 such a port speaks nothing else (1.25.1 and later can serve
+  HTTP/1.1 on it too), so the config listens on two ports: ``port`` for
+  HTTP/1.1 and ``h2c_port`` for HTTP/2 (gRPC, and SSE over HTTP/2).
 * ``-p PREFIX`` makes every relative path in the config relative to PREFIX,
   ``-e`` sets the error log nginx uses before it has read its config, and
   ``-g`` adds directives from the command line (``daemon off;`` keeps the
@@ -30,11 +35,11 @@ documentation says, and what we rely on:
   cannot enter), and a throwaway proxy on 127.0.0.1 gains nothing from
   dropping privileges.  A production nginx keeps its default and its temp
   paths under ``/var/lib/nginx``.  ``tests/test_nginx.py`` sends such a body.
-* nginx cannot listen on port 0.  We ask the kernel for a free port (bind
-  ``127.0.0.1:0``, read the port, close), and if another process takes it
+* nginx cannot listen on port 0.  We ask the kernel for free ports (bind
+  ``127.0.0.1:0``, read the port, close), and if another process takes one
   before nginx does, nginx reports "Address already in use" and we try again
-  with a fresh port.  nginx writes its pid file only after it has bound every
-  listening socket, so "the pid file exists and the port accepts a
+  with fresh ports.  nginx writes its pid file only after it has bound every
+  listening socket, so "the pid file exists and the ports accept a
   connection" means *our* nginx is ready.
 
 One implementation, three ways in: :class:`NginxProxy` is a context manager
@@ -43,7 +48,10 @@ async one for trio (``async with nginx_in_front(url) as proxy_url:``, which
 runs the blocking start and stop in a worker thread), and the command line::
 
     .venv/bin/python -m refimpl.examples.nginx_proxy --upstream http://127.0.0.1:8000 \\
-        --port 8080 --read-timeout 2
+        --port 8080 --h2c-port 8081 --read-timeout 2
+
+Each gives the HTTP/1.1 URL; the HTTP/2 one is the proxy's ``h2c_url`` (a
+grpcio client's target is that URL without ``http://``).
 
 What reached the client through the proxy, and when, is recorded by
 :func:`refimpl.figures.record` (pass it the proxy's URL), which is how
@@ -91,13 +99,20 @@ def find_nginx() -> str:
 
 
 def render_config(
-    *, port: int, upstream: str, read_timeout: float, gzip: bool, honour_accel_buffering: bool
+    *,
+    port: int,
+    h2c_port: int,
+    upstream: str,
+    read_timeout: float,
+    gzip: bool,
+    honour_accel_buffering: bool,
 ) -> str:
     """``nginx.conf`` with its ``{{placeholders}}`` filled in."""
     ms = round(read_timeout * 1000)
     values = {
         "port": str(port),
-        "upstream": urlsplit(upstream).netloc,  # proxy_pass wants host:port
+        "h2c_port": str(h2c_port),
+        "upstream": urlsplit(upstream).netloc,  # proxy_pass and grpc_pass want host:port
         # nginx's time syntax: "2s", or "1500ms" for a fraction of a second
         "read_timeout": f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms",
         "gzip": "on" if gzip else "off",
@@ -110,21 +125,28 @@ def render_config(
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m[1]], template)
 
 
-def free_loopback_port() -> int:
-    """A port nobody listens on right now (it may be taken before we use it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_loopback_port(*besides: int | None) -> int:
+    """A port nobody listens on right now (it may be taken before we use it),
+    other than ``besides`` (the kernel may hand out a port it just gave us)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in besides:
+            return port
 
 
 class NginxProxy:
-    """nginx on ``127.0.0.1:port`` (a free one by default) in front of ``upstream``."""
+    """nginx on ``127.0.0.1:port`` (HTTP/1.1) and ``127.0.0.1:h2c_port``
+    (HTTP/2 without TLS: gRPC, and SSE over HTTP/2), free ones by default, in
+    front of ``upstream``.  ``url`` and ``h2c_url`` say where, once started."""
 
     def __init__(
         self,
         upstream: str,
         *,
         port: int | None = None,
+        h2c_port: int | None = None,
         read_timeout: float = 60.0,
         gzip: bool = False,
         honour_accel_buffering: bool = True,
@@ -135,27 +157,29 @@ class NginxProxy:
         self.settings = dict(
             read_timeout=read_timeout, gzip=gzip, honour_accel_buffering=honour_accel_buffering
         )
-        self.port = port
-        self.url = ""
+        self.port, self.h2c_port = port, h2c_port
+        self.url = self.h2c_url = ""
         self.errors = ""  # nginx's error log, kept after stop()
         self._proc: subprocess.Popen | None = None
         self._prefix: Path | None = None
 
-    def config(self, port: int) -> str:
-        return render_config(port=port, upstream=self.upstream, **self.settings)
+    def config(self, port: int, h2c_port: int) -> str:
+        return render_config(port=port, h2c_port=h2c_port, upstream=self.upstream, **self.settings)
 
     def start(self) -> str:
-        """Start nginx and wait until it accepts connections; returns its URL."""
+        """Start nginx and wait until it accepts connections; returns its
+        HTTP/1.1 URL (the HTTP/2 one is ``h2c_url``)."""
         nginx = find_nginx()
         self._prefix = Path(tempfile.mkdtemp(prefix="refimpl-nginx-"))
         try:
-            for _ in range(START_ATTEMPTS if self.port is None else 1):
-                port = self.port or free_loopback_port()
-                (self._prefix / "nginx.conf").write_text(self.config(port))
+            for _ in range(START_ATTEMPTS if None in (self.port, self.h2c_port) else 1):
+                port = self.port or free_loopback_port(self.h2c_port)
+                h2c_port = self.h2c_port or free_loopback_port(port)
+                (self._prefix / "nginx.conf").write_text(self.config(port, h2c_port))
                 logged = len(self.read_errors())  # judge this attempt's lines only
                 self._launch(nginx)
-                if self._wait_ready(port):
-                    self.url = f"http://127.0.0.1:{port}"
+                if self._wait_ready(port, h2c_port):
+                    self.url, self.h2c_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{h2c_port}"
                     return self.url
                 self._end_process()  # (it has normally exited already)
                 if "Address already in use" not in self.read_errors()[logged:]:
@@ -175,14 +199,15 @@ class NginxProxy:
                 args, stdin=subprocess.DEVNULL, stderr=errors, start_new_session=True
             )
 
-    def _wait_ready(self, port: int) -> bool:
+    def _wait_ready(self, *ports: int) -> bool:
         pid_file = self._prefix / "nginx.pid"
         for _ in range(READY_POLLS):  # bounded: nginx either starts or exits
             if self._proc.poll() is not None:
-                return False  # it exited: bad config, or the port was taken
+                return False  # it exited: bad config, or a port was taken
             if pid_file.exists():  # written after every listen socket is bound
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    for port in ports:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     return True
                 except OSError:
                     pass
@@ -241,8 +266,13 @@ def main(argv: list[str] | None = None) -> None:
         description="Run nginx on 127.0.0.1 in front of a refimpl server until Ctrl-C (lesson 08).",
     )
     parser.add_argument("--upstream", default="http://127.0.0.1:8000", help="the refimpl server's URL")
-    parser.add_argument("--port", type=int, default=8080, help="nginx's port (0: any free one)")
-    parser.add_argument("--read-timeout", type=float, default=60.0, help="proxy_read_timeout, seconds")
+    parser.add_argument("--port", type=int, default=8080, help="nginx's HTTP/1.1 port (0: any free one)")
+    parser.add_argument(
+        "--h2c-port", type=int, default=8081, help="nginx's HTTP/2 port, for gRPC (0: any free one)"
+    )
+    parser.add_argument(
+        "--read-timeout", type=float, default=60.0, help="proxy_read_timeout and grpc_read_timeout, seconds"
+    )
     parser.add_argument("--gzip", action="store_true", help="gzip text/event-stream")
     parser.add_argument(
         "--ignore-accel-buffering",
@@ -254,12 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     proxy = NginxProxy(
         args.upstream,
         port=args.port or None,
+        h2c_port=args.h2c_port or None,
         read_timeout=args.read_timeout,
         gzip=args.gzip,
         honour_accel_buffering=not args.ignore_accel_buffering,
     )
     if args.print_config:
-        print(proxy.config(args.port or free_loopback_port()), end="")
+        port = args.port or free_loopback_port(args.h2c_port)
+        print(proxy.config(port, args.h2c_port or free_loopback_port(port)), end="")
         return
     # Ctrl-C and `kill` both raise KeyboardInterrupt here, so the `with`
     # stops nginx (in its own session, it gets neither signal) and removes
@@ -268,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.default_int_handler)
     with proxy as url:
-        print(f"nginx: {url} -> {args.upstream}  (Ctrl-C to stop)", flush=True)
+        print(f"nginx: {url} -> {args.upstream}  (gRPC, h2c: {proxy.h2c_url}; Ctrl-C to stop)", flush=True)
         shown = 0  # echo nginx's error log ("upstream timed out ...") as it grows
         try:
             while proxy.running():
