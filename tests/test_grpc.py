@@ -24,6 +24,7 @@ from grpc_status import rpc_status
 
 from refimpl.app import create_app, serve
 from refimpl.config import Config
+from refimpl.model import simulated_text
 from refimpl.v1 import chat_pb2 as pb
 from refimpl.v1 import chat_pb2_grpc
 
@@ -83,7 +84,8 @@ async def test_sync_client_streams_the_same_content_as_sse(server, client):
     chunks, headers = await trio.to_thread.run_sync(call)
     text = "".join(c.content for c in chunks)
     assert text == await sse_content(client, server, content="Same?", seed=7)
-    *body, last = chunks
+    first, *body, last = chunks
+    assert first == pb.ChatChunk(id=headers["x-request-id"])  # at once: the headers leave with it
     assert all(c.content and not c.finish_reason and not c.HasField("usage") for c in body)
     assert (last.content, last.finish_reason) == ("", "stop")
     assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (2, 24, 26)
@@ -296,6 +298,24 @@ async def test_bidi_call_cancelled_mid_turn_cancels_its_generation(server):
 
     trace = await ended(server, await trio.to_thread.run_sync(call))
     assert (trace["events"][-1]["name"], trace["events"][-1]["detail"]) == ("cancelled", "client_cancel")
+
+
+# -- heartbeats: a chunk with only the id, during a silence (lesson 08) ------------
+async def test_a_silent_call_sends_heartbeat_chunks(start_server):
+    server = await start_server(heartbeat=0.05)
+
+    def call() -> list[pb.ChatChunk]:
+        with grpc.insecure_channel(target(server)) as channel:
+            slow = pb.Simulate(ttft_ms=300, tokens=3)
+            return list(stub_for(channel).StreamChat(request(simulate=slow), timeout=30))
+
+    chunks = await trio.to_thread.run_sync(call)
+    trace = await ended(server, chunks[0].id)
+    beats = [e for e in trace["events"] if e["name"] == "heartbeat"]
+    silent = [c for c in chunks[1:-1] if not c.content]
+    assert beats and len(silent) == len(beats)  # one empty chunk per heartbeat in the trace
+    assert all(c == pb.ChatChunk(id=chunks[0].id) for c in silent)
+    assert "".join(c.content for c in chunks) == "".join(simulated_text("Hello", 0)[:3])
 
 
 # -- load ------------------------------------------------------------------------

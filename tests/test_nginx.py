@@ -47,11 +47,10 @@ Every protocol through the same config (lesson 12):
 * A WebSocket silent for longer than ``proxy_read_timeout`` closes with code
   1006, unless pings cross the tunnel, the server's or the client's.
 * A gRPC call silent for longer than ``grpc_read_timeout`` is cut whatever
-  the client does (its keepalive PINGs end at nginx): before the first
-  message as nginx's 504, which grpcio reports as ``UNAVAILABLE``
-  "Received http2 header with status: 504"; after it as ``INTERNAL``
-  "... RST_STREAM with error code 2"; the server's trace says
-  ``cancelled(client_cancel)``.  A bidi call idle between turns is cut by
+  the client does (its keepalive PINGs end at nginx), as ``INTERNAL``
+  "... RST_STREAM with error code 2", and the server's trace says
+  ``cancelled(client_cancel)``; the server's heartbeat (an id-only chunk
+  every ``--heartbeat`` seconds of silence) keeps it alive.  A bidi call idle between turns is cut by
   either side's silence (``grpc_read_timeout``, ``client_body_timeout``), and
   nginx counts a whole bidi call as one request body (``client_max_body_size``).
 """
@@ -94,6 +93,7 @@ from refimpl.examples.nginx_proxy import (
     render_config,
 )
 from refimpl.figures import Arrival, Recording, record
+from refimpl.model import simulated_text
 from refimpl.sse import SSEParser
 from refimpl.v1 import chat_pb2 as pb
 from refimpl.ws_client import ws_url
@@ -798,16 +798,19 @@ def idle_bidi_call(url: str) -> tuple[list[str], grpc.RpcError | None]:
     return kinds, None
 
 
-async def test_a_silent_grpc_call_is_cut_and_client_keepalive_does_not_help(start_server, nginx):
+async def test_a_silent_grpc_call_needs_the_servers_heartbeat(start_server, nginx):
     """The heartbeat question for gRPC (``grpc_read_timeout 2s``, a model
     silent for 5 s).  Client PINGs end at nginx, which answers them; the timer
-    watches the upstream connection, where nothing moves, so they change
-    nothing.  The server sends nothing while silent, so every case is cut:
-    before the first message as nginx's 504 (no response headers yet:
-    connectrpc sends them with the first message), after it as a reset."""
+    watches the upstream connection, so they change nothing: without the
+    server's heartbeat (the default ``--heartbeat 15`` is longer than this
+    silence) every case is cut, as a reset.  With ``--heartbeat 0.5`` the
+    empty chunks keep the upstream busy and the call completes.  (Before the
+    server sent its first, id-only chunk at once, the silent case was cut as
+    nginx's 504, "while reading response header": connectrpc sends the
+    headers with the first message, and no heartbeat could help then.)"""
 
-    async def call(ask: pb.ChatRequest, options: Sequence = ()) -> tuple[GrpcOutcome, dict, str]:
-        server = await start_server()
+    async def call(ask: pb.ChatRequest, options: Sequence = (), **config) -> tuple[GrpcOutcome, dict, str]:
+        server = await start_server(**config)
         proxy = EditedProxy(server.url, *DEBUG_LOG, read_timeout=READ_TIMEOUT)
         async with proxy:
             client = partial(trio.to_thread.run_sync, stream_call, proxy.h2c_url, ask, options)
@@ -825,6 +828,7 @@ async def test_a_silent_grpc_call_is_cut_and_client_keepalive_does_not_help(star
     cases = await concurrently(
         silent=lambda: call(silent),
         silent_with_keepalive=lambda: call(silent, KEEPALIVE),
+        silent_with_heartbeat=lambda: call(silent, heartbeat=0.5),
         paused=lambda: call(request(simulate=pb.Simulate(**PAUSE_5S))),
         idle_bidi=lambda: bidi(lambda url: NginxProxy(url, read_timeout=READ_TIMEOUT)),
         idle_bidi_client=lambda: bidi(lambda url: EditedProxy(url, *BODY_TIMEOUT, read_timeout=60)),
@@ -832,11 +836,9 @@ async def test_a_silent_grpc_call_is_cut_and_client_keepalive_does_not_help(star
 
     for name in ["silent", "silent_with_keepalive"]:
         outcome, trace, errors = cases[name]
-        assert outcome.status() == (grpc.StatusCode.UNAVAILABLE, "Received http2 header with status: 504"), (
-            name
-        )
-        assert not outcome.chunks, name
-        assert "upstream timed out" in errors and "while reading response header from upstream" in errors
+        assert outcome.status() == (grpc.StatusCode.INTERNAL, RESET.format(2)), name
+        assert [c.content for c in outcome.chunks] == [""], name  # only the id-only first chunk
+        assert "upstream timed out" in errors and "while reading upstream" in errors
         assert [e["name"] for e in trace["events"]] == ["accepted", "cancelled"], name
         assert ended_by(trace) == ("cancelled", "client_cancel", 0), name
     # The keepalive PINGs reached nginx, which answered them itself: grpcio
@@ -845,9 +847,18 @@ async def test_a_silent_grpc_call_is_cut_and_client_keepalive_does_not_help(star
     pings = {name: cases[name][2].count("http2 PING frame") for name in ["silent", "silent_with_keepalive"]}
     assert pings["silent_with_keepalive"] > pings["silent"]
 
+    outcome, trace, errors = cases["silent_with_heartbeat"]
+    assert outcome.status() == (grpc.StatusCode.OK, "")
+    assert outcome.text() == "".join(simulated_text("Hello", 0)[:5])
+    beats = [e for e in trace["events"] if e["name"] == "heartbeat"]
+    assert beats and len([c for c in outcome.chunks[1:] if not c.content and not c.finish_reason]) == len(
+        beats
+    )
+    assert "upstream timed out" not in errors
+
     outcome, trace, errors = cases["paused"]
     assert outcome.status() == (grpc.StatusCode.INTERNAL, RESET.format(2))
-    assert [c.content != "" for c in outcome.chunks] == [True]  # the token before the pause
+    assert [c.content != "" for c in outcome.chunks] == [False, True]  # the id, the token before the pause
     assert "upstream timed out" in errors and "while reading upstream" in errors
     assert ended_by(trace) == ("cancelled", "client_cancel", 1)
 

@@ -44,8 +44,15 @@ not, because its ping does a second job (below).
   apart (:func:`keep_websocket_alive`).  SSE has no way back from the client,
   so a dead SSE reader is found only when TCP gives up on the writes it
   cannot deliver (an SSE stall timeout is lesson 10's work).
-* **gRPC** (its own issue): HTTP/2 PING frames (RFC 9113 §6.7), which, like
-  WebSocket pings, are answered by the peer's library.
+* **gRPC: a chunk with only the generation's id**, no content
+  (:func:`grpc_heartbeat`).  HTTP/2 has PING frames (RFC 9113 §6.7), which
+  the peer's library answers like a WebSocket pong, and grpcio clients send
+  them; but a PING lives on one hop, and behind a proxy the silence that
+  counts is the upstream's: nginx cut a silent call at ``grpc_read_timeout``
+  however often the client pinged (``tests/test_nginx.py``).  An empty
+  DATA frame would do for nginx, but an ASGI server drops an empty body
+  write, and a message is what every hop passes on.  Like the SSE comment,
+  the reader sees it and skips it: a chunk without content adds nothing.
 
 Both kinds are written in each generation's trace as ``heartbeat`` events and
 counted in ``refimpl_heartbeats_total`` (a WebSocket ping only while a
@@ -65,6 +72,7 @@ from ..sse import comment
 
 if TYPE_CHECKING:
     from ..engine import Generation
+    from ..v1.chat_pb2 import ChatChunk
 
 # region: sse-heartbeat
 #: The SSE heartbeat: a comment line, then a blank line for naive readers.
@@ -78,6 +86,18 @@ def sse_heartbeat(gen: Generation) -> bytes:
 
 
 # endregion: sse-heartbeat
+
+
+# region: grpc-heartbeat
+def grpc_heartbeat(gen: Generation) -> ChatChunk:
+    """What the gRPC writers send when ``pull()`` said ``SILENT``."""
+    from ..v1.chat_pb2 import ChatChunk  # protobuf: no I/O, but not for the SSE-only reader
+
+    gen.heartbeat()
+    return ChatChunk(id=gen.id)
+
+
+# endregion: grpc-heartbeat
 
 #: The payload of our WebSocket pings (RFC 6455 §5.5.2 allows up to 125 bytes;
 #: the pong echoes it back).

@@ -38,18 +38,27 @@ arrives.  The reason in the trace is ``deadline`` when the call's deadline
 (``grpc-timeout``) has passed, within the network's delay, else
 ``client_cancel``: HTTP/2 says only "this stream was reset".
 
-**Heartbeats** (lesson 08).  gRPC has no comment line to send while the model
-is silent, and needs none from us: liveness is HTTP/2's job.  Clients send
-PING frames (RFC 9113 §6.7; grpcio's ``grpc.keepalive_time_ms``, gRFC A8),
-which hypercorn's h2 answers at once, even while every stream is silent; an
-unanswered ping tells the *client* its connection is dead.  A client that
-stops reading is the stall guard's (``--stall-timeout``): the watchdog is put
-in the scope here as ``sse_chat`` does, and it drops a Connect or gRPC-Web
-call over HTTP/1.1 whose write waits that long.  Over HTTP/2 a stalled call
-waits for its flow-control window instead, its model paused
-(``hypercorn_h2.py``), and the watchdog, which lives in hypercorn's HTTP/1.1
-protocol, does not see it: such a call lasts until the client resets it or
-closes the connection (lesson 06).
+**Heartbeats** (lesson 08).  HTTP/2 has PING frames (RFC 9113 §6.7), and
+grpcio clients send them (``grpc.keepalive_time_ms``, gRFC A8), which
+hypercorn answers at once; an unanswered one tells the *client* its
+connection is dead.  But a PING belongs to one hop: behind nginx it ends at
+nginx, and ``grpc_read_timeout`` (60 s by default) cuts a call whose
+*upstream* stays silent however often the client pings
+(``tests/test_nginx.py``).  So a silent call needs bytes of its own, as SSE
+needs ``: ping``: after ``--heartbeat`` seconds with nothing sent, the
+writer sends a chunk with only the id (``heartbeat.grpc_heartbeat``).
+And the first message goes out at once, with only the id, like SSE's role
+chunk: connectrpc sends the response headers with the first message, and
+nginx, while it waits for headers, restarts its timer for nothing else.
+Readers skip chunks without content, as SSE readers skip comments.
+
+A client that stops reading is the stall guard's (``--stall-timeout``): the
+watchdog is put in the scope here as ``sse_chat`` does, and it drops a
+Connect or gRPC-Web call over HTTP/1.1 whose write waits that long.  Over
+HTTP/2 a stalled call waits for its flow-control window instead, its model
+paused (``hypercorn_h2.py``), and the watchdog, which lives in hypercorn's
+HTTP/1.1 protocol, does not see it: such a call lasts until the client
+resets it or closes the connection (lesson 06).
 """
 
 from __future__ import annotations
@@ -65,8 +74,8 @@ import trio
 from .. import hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
-from ..engine import FINISHED, Engine, Generation, GenerationCancelled
-from ..patterns import backpressure, cancellation, errors
+from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
+from ..patterns import backpressure, cancellation, errors, heartbeat
 from ..patterns.errors import APIError
 from ..patterns.shutdown import Shutdown
 from ..v1 import chat_pb2 as pb
@@ -148,10 +157,14 @@ class ChatService:
             raise errors.grpc_error(err) from None
         ctx.response_headers["x-request-id"] = gen.id
         flow = backpressure.flow(gen, policy, self.config, self.nursery)
+        batch, silence = self.config.batch_tokens, self.config.heartbeat
         try:
-            # No heartbeat timeout: HTTP/2 PINGs keep gRPC alive (above).
-            while (step := await flow.pull(self.config.batch_tokens)) is not FINISHED:
-                yield pb.ChatChunk(id=gen.id, content="".join(step))  # blocks if they stop reading
+            yield pb.ChatChunk(id=gen.id)  # the headers leave now, with the id (above)
+            while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
+                if step is SILENT:
+                    yield heartbeat.grpc_heartbeat(gen)  # lesson 08
+                else:
+                    yield pb.ChatChunk(id=gen.id, content="".join(step))  # blocks if they stop reading
             yield pb.ChatChunk(id=gen.id, finish_reason=gen.finish_reason, usage=usage(gen))
         except ModelError as err:  # lesson 07: a status in the trailers, not a cut stream
             raise errors.grpc_error(err, gen.id) from None
@@ -237,13 +250,16 @@ class ChatCall:
     async def stream(self, gen: Generation, policy: str | None, send: trio.MemorySendChannel) -> None:
         service = self.service
         flow = backpressure.flow(gen, policy, service.config, service.nursery)
+        batch, silence = service.config.batch_tokens, service.config.heartbeat
         async with send:
             try:
                 try:
-                    while (step := await flow.pull(service.config.batch_tokens)) is not FINISHED:
-                        await send.send(
-                            pb.ServerMessage(token=pb.ChatChunk(id=gen.id, content="".join(step)))
-                        )
+                    while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
+                        if step is SILENT:
+                            chunk = heartbeat.grpc_heartbeat(gen)
+                        else:
+                            chunk = pb.ChatChunk(id=gen.id, content="".join(step))
+                        await send.send(pb.ServerMessage(token=chunk))
                     last = pb.ServerMessage(
                         done=pb.Done(id=gen.id, finish_reason=gen.finish_reason, usage=usage(gen))
                     )
