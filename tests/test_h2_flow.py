@@ -39,6 +39,7 @@ from test_fastwrite import expected_tokens
 from refimpl.hypercorn_h2 import MOST_HELD
 from refimpl.model import count_tokens
 from refimpl.sse import SSEParser
+from refimpl.v1 import chat_pb2 as pb
 
 A, B = 1, 3  # the held stream and its sibling (a client's streams are odd, RFC 9113 §5.1.1)
 A_TOKENS = 1_000_000  # "forever" at itl 0, unless something stops it
@@ -82,6 +83,24 @@ class H2Client:
         ]
         self.conn.send_headers(stream_id, headers)
         self.conn.send_data(stream_id, data, end_stream=True)
+        self.bodies[stream_id] = b""
+        if hold:
+            self.held[stream_id] = 0
+
+    def grpc_request(self, stream_id: int, request: pb.ChatRequest, *, hold: bool = False) -> None:
+        """A gRPC ``StreamChat`` by hand: one length-prefixed message, then
+        the end of the request (lesson 05)."""
+        message = request.SerializeToString()
+        headers = [
+            (":method", "POST"),
+            (":path", "/refimpl.v1.ChatService/StreamChat"),
+            (":scheme", "http"),
+            (":authority", self.authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        self.conn.send_headers(stream_id, headers)
+        self.conn.send_data(stream_id, b"\0" + len(message).to_bytes(4, "big") + message, end_stream=True)
         self.bodies[stream_id] = b""
         if hold:
             self.held[stream_id] = 0
@@ -290,6 +309,44 @@ async def test_a_held_stream_frees_its_writer_when_the_client_leaves(server, lea
         await gen.ended.wait()
     last = gen.trace.events[-1]
     assert (last.name, last.detail) == ("cancelled", "client_disconnect")
+
+
+def grpc_chunks(body: bytes) -> list[pb.ChatChunk]:
+    """The whole ChatChunk messages of a gRPC response body (5-byte prefixes;
+    a held stream's body may end inside one)."""
+    chunks = []
+    while len(body) >= 5 and len(body) >= 5 + (size := int.from_bytes(body[1:5], "big")):
+        chunks.append(pb.ChatChunk.FromString(body[5 : 5 + size]))
+        body = body[5 + size :]
+    return chunks
+
+
+async def test_grpc_a_closed_window_pauses_its_own_call_only(server):
+    """The same over gRPC: a call whose window stays shut pauses its own
+    model (its token count stands still, far below "forever") while its
+    sibling call on the same connection completes whole."""
+
+    def ask(tokens: int) -> pb.ChatRequest:
+        knobs = pb.Simulate(tokens=tokens, ttft_ms=0, itl_ms=0)
+        return pb.ChatRequest(messages=[pb.Message(role="user", content="Hello")], simulate=knobs)
+
+    async with connect(server) as client:
+        client.grpc_request(A, ask(A_TOKENS), hold=True)
+        client.grpc_request(B, ask(B_TOKENS))
+        window = client.conn.remote_settings.initial_window_size
+        with trio.fail_after(30):
+            await client.until(lambda: B in client.ended and len(client.bodies[A]) == window)
+        held = server.engine.get(client.ids[A])
+        await trio.testing.wait_all_tasks_blocked()
+        made = held.completion_tokens
+        await trio.testing.wait_all_tasks_blocked()
+        assert held.completion_tokens == made and not held.finished  # paused, not running on
+        # Every token made is at the client, or in hypercorn's buffer (< MOST_HELD bytes).
+        received = sum(count_tokens(c.content) for c in grpc_chunks(client.bodies[A]))
+        assert received <= made < received + MOST_HELD // 4  # a token is more than 4 bytes on the wire
+    b = grpc_chunks(client.bodies[B])
+    assert "".join(c.content for c in b) == "".join(expected_tokens(B_TOKENS))
+    assert b[-1].usage.completion_tokens == B_TOKENS
 
 
 def test_the_switch_puts_hypercorns_own_classes_back(monkeypatch):
