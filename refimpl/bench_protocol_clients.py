@@ -121,6 +121,7 @@ class SSE(Client):
     async def close(self, client: httpx.AsyncClient) -> None:
         await client.aclose()
 
+    # region: sse-adapter
     async def pieces(self, client: httpx.AsyncClient, simulate: dict, run: Run) -> AsyncIterator[int]:
         """Tokens per read, as they arrive; ``aclose()`` hangs up."""
         body = {"model": DEFAULT_MODEL, "messages": MESSAGES, "stream": True}
@@ -143,11 +144,17 @@ class SSE(Client):
                 if tokens:
                     yield tokens
 
+    # endregion: sse-adapter
 
+
+# region: sse-h2-adapter
 class SSE2(SSE):
     name, transport, multiplexed = "sse-h2", "HTTP/2 (h2c), every stream on one connection", True
     hang_up = "forgets the stream (no RST_STREAM)"
     http2 = True
+
+
+# endregion: sse-h2-adapter
 
 
 class Connect(SSE):
@@ -189,6 +196,7 @@ class WebSocket(Client):
     async def close(self, ws: Any) -> None:
         await ws.close()
 
+    # region: ws-adapter
     async def pieces(self, ws: Any, simulate: dict, run: Run) -> AsyncIterator[int]:
         await ws.send(json.dumps({"type": "chat", "messages": MESSAGES, "simulate": simulate}))
         try:
@@ -201,6 +209,8 @@ class WebSocket(Client):
                 while (message := json.loads(await ws.recv()))["type"] == "token":
                     pass
                 self._last(message, run)
+
+    # endregion: ws-adapter
 
     @staticmethod
     def _last(message: dict, run: Run) -> None:
@@ -226,6 +236,7 @@ class GRPC(Client):
     async def close(self, conn: Any) -> None:
         await conn[0].close()
 
+    # region: grpc-adapter
     async def pieces(self, conn: Any, simulate: dict, run: Run) -> AsyncIterator[int]:
         import grpc
 
@@ -242,11 +253,14 @@ class GRPC(Client):
         finally:
             call.cancel()  # RST_STREAM if it still runs; nothing if it ended
 
+    # endregion: grpc-adapter
+
 
 PROTOCOLS: dict[str, type[Client]] = {c.name: c for c in (SSE, SSE2, WebSocket, GRPC, Connect)}
 
 
 # -- the harness ---------------------------------------------------------------------------
+# region: run-stream
 async def run_stream(
     client: Client, conn: Any, simulate: dict, until: Callable[[Run], Awaitable[bool]] | None = None
 ) -> Run:
@@ -262,6 +276,9 @@ async def run_stream(
     finally:
         await pieces.aclose()  # the hang-up, if it had not ended
     return run
+
+
+# endregion: run-stream
 
 
 async def at_once(run: Run) -> bool:
@@ -285,12 +302,11 @@ async def checkpoint(mark: str, **info: Any) -> None:
 
 
 class Harness:
-    """The phases, one method each; every one takes a protocol's name and runs it alone."""
+    """The phases, one method each; each runs one protocol's ``client`` alone."""
 
     PHASES = frozenset({"warmup", "hold", "release", "paced", "setup", "disconnect", "stall"})
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.debug = httpx.AsyncClient(base_url=url, trust_env=False)  # traces, on a connection of its own
         self.held: list[tuple[Client, list, list[asyncio.Task]]] = []
         self.released = asyncio.Event()
@@ -306,13 +322,11 @@ class Harness:
     async def close(self, client: Client, conns: list[Any]) -> None:
         await asyncio.gather(*(client.close(c) for c in {id(c): c for c in conns}.values()))
 
-    async def warmup(self, protocol: str) -> dict:
-        client = PROTOCOLS[protocol](self.url)
+    async def warmup(self, client: Client) -> dict:
         await self.close(client, await self.connections(client, 2))
         return {}
 
-    async def paced(self, protocol: str, streams: int, simulate: dict) -> dict:
-        client = PROTOCOLS[protocol](self.url)
+    async def paced(self, client: Client, streams: int, simulate: dict) -> dict:
         conns = await self.connections(client, streams)
         await checkpoint("connected")
         cpu = time.process_time()  # every thread of this process (grpcio's too)
@@ -333,11 +347,10 @@ class Harness:
             "errors": errors,
         }
 
-    async def hold(self, protocol: str, streams: int, simulate: dict) -> dict:
+    async def hold(self, client: Client, streams: int, simulate: dict) -> dict:
         """``streams`` streams that got their first token and wait: kept open
         until :meth:`release`.  No warm-up streams: the server keeps its
         recent finished generations, which would count as the open ones'."""
-        client = PROTOCOLS[protocol](self.url)
         conns, first = await self.connections(client, streams, warm=False), asyncio.Semaphore(0)
 
         async def wait(run: Run) -> bool:
@@ -360,10 +373,10 @@ class Harness:
         self.held, self.released = [], asyncio.Event()
         return {}
 
-    async def setup(self, protocol: str, count: int, fresh: bool) -> dict:
+    async def setup(self, client: Client, count: int, fresh: bool) -> dict:
         """``count`` short streams one after another: each on a connection of
         its own (opened, then closed), or all on one warm connection."""
-        client, times = PROTOCOLS[protocol](self.url), []
+        times = []
         conn = None if fresh else (await self.connections(client, 1))[0]
         await checkpoint("connected")
         for _ in range(count):
@@ -387,26 +400,23 @@ class Harness:
             if trace["finished"] or time.perf_counter() > deadline:
                 return trace
 
-    async def disconnect(self, protocol: str, count: int, simulate: dict) -> dict:
+    async def disconnect(self, client: Client, count: int, simulate: dict) -> dict:
         """``count`` times: a fresh warm connection, a stream, hang up after its first token."""
-        client, samples = PROTOCOLS[protocol](self.url), []
+        samples = []
         for _ in range(count):
             (conn,) = await self.connections(client, 1)
             run = await run_stream(client, conn, simulate, at_once)
-            trace, closed = await self.trace(run.id), None
-            if not trace["finished"]:  # the hang-up did not reach the server: close the connection
-                closed = time.perf_counter()
-                await client.close(conn)
+            trace = await self.trace(run.id)
+            closed = None if trace["finished"] else time.perf_counter()
+            await client.close(conn)
+            if closed is not None:  # the hang-up did not reach the server: the close must
                 trace = await self.trace(run.id, wait=10)
-            else:
-                await client.close(conn)
             sample = {"sent": run.sent, "first": run.stamps[0], "left": run.left, "closed": closed}
             samples.append({**sample, "received": len(run.stamps), "events": trace["events"]})
         return {"disconnect": samples}
 
-    async def stall(self, protocol: str, simulate: dict) -> dict:
+    async def stall(self, client: Client, simulate: dict) -> dict:
         """A stream whose reader stops after the first token until the bench says go, then hangs up."""
-        client = PROTOCOLS[protocol](self.url)
         (conn,) = await self.connections(client, 1)
 
         async def stop(run: Run) -> bool:
@@ -426,6 +436,8 @@ async def serve_commands(url: str) -> None:
             phase = command.pop("phase")
             if phase not in Harness.PHASES:
                 raise ValueError(f"no phase {phase!r}")
+            if "protocol" in command:  # a fresh adapter per command: none keeps state across them
+                command["client"] = PROTOCOLS[command.pop("protocol")](url)
             try:
                 result = await getattr(harness, phase)(**command)
             except Exception:

@@ -55,6 +55,9 @@ plus an offset trio picks at random.  The bench bounds the offset as NTP
 does, from every disconnect sample: the client stamped ``sent`` before the
 trace's ``accepted`` and its first token after the trace's
 ``first_token``.  The narrowest bounds give the estimate and its ±.
+
+The report (``results.md``, the figures, and ``--write-lesson``, which
+commits a run to lesson 12) is ``bench_protocols_report.py``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ import trio
 
 from .bench_client import Lines
 from .bench_protocol_clients import PROTOCOLS, WARM
+from .bench_protocols_report import markdown_table, write_lesson, write_plots
 from .bench_report import environment, ms, percentile, write_results
 from .benchload import Plan, cpu_seconds, memory_kib, process_tree, running_server
 
@@ -128,6 +132,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
     p.add_argument(
         "--out", type=Path, help="the results folder, bench-results/protocols-<time>/ if not given"
+    )
+    p.add_argument(
+        "--write-lesson",
+        action="store_true",
+        help="also commit the run to lesson 12 (its table, figures and lessons/data/12-protocols.json)",
     )
     p.set_defaults(run=run)
 
@@ -210,9 +219,15 @@ class LoadProcess:
         if await self.next("at") != mark:
             raise RuntimeError(f"the load process is not at {mark!r}")
 
-    async def call(self, phase: str, **knobs: Any) -> dict[str, Any]:
+    async def call(self, phase: str, mark: str | None = None, **knobs: Any) -> Any:
+        """A command; its result, or with ``mark`` once it is at that first checkpoint."""
         await self.send(phase=phase, **knobs)
-        return await self.next("result")
+        return await (self.at(mark) if mark else self.next("result"))
+
+    async def go(self, mark: str | None = None) -> Any:
+        """On from a checkpoint, to the next one (``mark``) or to the result."""
+        await self.send(go=True)
+        return await (self.at(mark) if mark else self.next("result"))
 
 
 @asynccontextmanager
@@ -240,28 +255,20 @@ async def load_process(url: str) -> AsyncIterator[LoadProcess]:
 async def hold(load: LoadProcess, s: Settings, pids: list[int]) -> dict[str, dict]:
     out, before = {}, rss(*pids)
     for p in s.protocols:
-        await load.send(phase="hold", protocol=p, streams=s.hold_streams, simulate=HOLD)
-        await load.at("held")
+        await load.call("hold", "held", protocol=p, streams=s.hold_streams, simulate=HOLD)
         now = rss(*pids)
-        await load.send(go=True)
-        out[p] = {
-            "rss_kib_per_stream": round((now - before) / s.hold_streams, 2),
-            **await load.next("result"),
-        }
+        out[p] = {"rss_kib_per_stream": round((now - before) / s.hold_streams, 2), **await load.go()}
         before = now
     await load.call("release")
     return out
 
 
 async def paced(load: LoadProcess, s: Settings, p: str, pids: list[int], port: int) -> tuple[dict, dict]:
-    await load.send(phase="paced", protocol=p, streams=s.streams, simulate=s.simulate())
-    await load.at("connected")
+    await load.call("paced", "connected", protocol=p, streams=s.streams, simulate=s.simulate())
     cpu, wire = cpu_seconds(*pids), await wire_bytes(load.pid, port)
-    await load.send(go=True)
-    await load.at("streamed")
+    await load.go("streamed")
     cpu, after = cpu_seconds(*pids) - cpu, await wire_bytes(load.pid, port)
-    await load.send(go=True)
-    r = await load.next("result")
+    r = await load.go()
     # Each connection's bytes since "connected"; those that carried none (the
     # load process's connection for traces) are not the streams'.
     moved = [(a[0] - wire.get(k, (0, 0))[0], a[1] - wire.get(k, (0, 0))[1]) for k, a in after.items()]
@@ -283,14 +290,11 @@ async def paced(load: LoadProcess, s: Settings, p: str, pids: list[int], port: i
 async def setup(load: LoadProcess, s: Settings, p: str, pids: list[int]) -> dict:
     out = {}
     for fresh, kind in ((True, "new"), (False, "warm")):
-        await load.send(phase="setup", protocol=p, count=s.setup_count, fresh=fresh)
-        await load.at("connected")
+        await load.call("setup", "connected", protocol=p, count=s.setup_count, fresh=fresh)
         cpu = cpu_seconds(*pids)
-        await load.send(go=True)
-        await load.at("done")
+        await load.go("done")
         cpu = cpu_seconds(*pids) - cpu
-        await load.send(go=True)
-        times = (await load.next("result"))["first_token"]
+        times = (await load.go())["first_token"]
         out[f"first_token_{kind}_connection_ms_p50"] = ms(percentile(times, 50))
         out[f"server_cpu_us_per_stream_{kind}_connection"] = round(cpu / s.setup_count * 1e6, 1)
     return out
@@ -317,16 +321,16 @@ def disconnects(samples: list[dict], offset: float) -> dict:
 
 async def stall(load: LoadProcess, s: Settings, p: str, pids: list[int], debug: Any) -> tuple[dict, list]:
     made0 = await tokens_total(debug) + WARM["tokens"]  # (the connection's warm-up stream)
-    await load.send(phase="stall", protocol=p, simulate={"tokens": s.stall_tokens, "ttft_ms": 0, "itl_ms": 0})
-    await load.at("stalled")
+    await load.call(
+        "stall", "stalled", protocol=p, simulate={"tokens": s.stall_tokens, "ttft_ms": 0, "itl_ms": 0}
+    )
     server0, client0, start = rss(*pids), rss(load.pid), trio.current_time()
     series = []  # (seconds, server RSS growth KiB, tokens made since the stream began)
     for i in range(1, round(s.stall_seconds / EVERY) + 1):
         await trio.sleep_until(start + i * EVERY)
         series.append((round(i * EVERY, 2), rss(*pids) - server0, await tokens_total(debug) - made0))
     client = rss(load.pid) - client0
-    await load.send(go=True)
-    r = await load.next("result")
+    r = await load.go()
     second_ago = next((made for t, _, made in reversed(series) if t <= series[-1][0] - 1), 0)
     later = [e for e in r["events"] if e["name"] not in ("accepted", "first_token")]
     trace = Counter(e["name"] + (f"({e['detail']})" if e["detail"] else "") for e in later)
@@ -377,144 +381,16 @@ async def measure(s: Settings) -> dict[str, Any]:
     }
 
 
-# -- the report: a markdown table (lesson 12 includes it) and a figure ---------------------------
-def _cell(value: Any) -> str:
-    if not isinstance(value, int | float):
-        return "-" if value is None else str(value)
-    return f"{value:,.0f}" if isinstance(value, int) or abs(value) >= 100 else f"{value:,.2f}"
-
-
-#: (label, the figures shown in the cell, " / " between them): the table's rows.
-ROWS = (
-    ("transport", "transport"),
-    ("tokens received / asked", "tokens tokens_asked"),
-    ("TTFT added, ms: p50 / p99", "ttft_added_ms_p50 ttft_added_ms_p99"),
-    ("ITL, ms: p50 / p99", "itl_ms_p50 itl_ms_p99"),
-    ("server CPU per token, µs", "server_cpu_us_per_token"),
-    ("client CPU per token, µs", "client_cpu_us_per_token"),
-    ("bytes per token, server → client", "bytes_per_token"),
-    ("bytes per stream, client → server", "bytes_up_per_stream"),
-    ("connections for the paced streams", "connections"),
-    (
-        "first token, ms: new / warm connection",
-        "first_token_new_connection_ms_p50 first_token_warm_connection_ms_p50",
-    ),
-    (
-        "server CPU per stream, µs: new / warm connection",
-        "server_cpu_us_per_stream_new_connection server_cpu_us_per_stream_warm_connection",
-    ),
-    ("server memory per open stream, KiB", "rss_kib_per_stream"),
-    ("hang-up", "hang_up"),
-    ("hang-up → cancelled, ms: p50 / max", "disconnect_ms_p50 disconnect_ms_max"),
-    ("tokens made after the hang-up, max", "disconnect_tokens_after_max"),
-    ("stalled reader: RSS growth, KiB: server / client", "stall_rss_growth_kib stall_client_rss_growth_kib"),
-    ("stalled reader: tokens received / made", "stall_received stall_tokens_made"),
-    ("stalled reader: tokens made in the last second", "stall_tokens_last_second"),
-    ("stalled reader: the trace after the first token", "stall_trace"),
-)
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """The protocols side by side, as ``results.md`` holds it (lesson 12 includes it)."""
-    figures, cfg = result["protocols"], result["config"]
-    lines = ["| | " + " | ".join(figures) + " |", "|---|" + "---:|" * len(figures)]
-    for label, keys in ROWS:
-        cells = [" / ".join(_cell(f[k]) for k in keys.split()) for f in figures.values()]
-        if keys.startswith("disconnect_ms"):  # a footnote where the hang-up did nothing
-            cells = [
-                c + " ¹" * bool(f["hang_ups_not_seen"]) for c, f in zip(cells, figures.values(), strict=True)
-            ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"{cfg['streams']} streams × {cfg['tokens']} tokens, model ttft {cfg['ttft_ms']:g} ms and itl"
-        f" {cfg['itl_ms']:g} ms; {cfg['hold_streams']} open streams each for the memory;"
-        f" {cfg['setup_count']} set-ups and hang-ups each; readers stalled {cfg['stall_seconds']:g} s."
-        f" One server process; {result['machine']['cpus']} CPUs, load average"
-        f" {' → '.join(f'{x:.1f}' for x in result['machine']['loadavg_1min'])}. Hang-up latencies"
-        f" are on the server's clock, ± {result['clock_uncertainty_ms']} ms.",
-    ]
-    if any(f["hang_ups_not_seen"] for f in figures.values()):
-        lines.append(
-            "¹ The hang-up never reached the server (the stream ran on); the harness closed the"
-            " connection a second later, and the latency is from that close."
-        )
-    return "\n".join([*lines, "", f"`$ {result['command']}`"])
-
-
-#: (title: the legend of each figure, the figures): the figure's panels, a bar per protocol and figure.
-PANELS = (
-    ("ITL, ms (dashed: the model's): p50, p99", "itl_ms_p50 itl_ms_p99"),
-    ("TTFT added, ms: p50, p99", "ttft_added_ms_p50 ttft_added_ms_p99"),
-    ("CPU per token, µs: server, client", "server_cpu_us_per_token client_cpu_us_per_token"),
-    ("bytes per token, server → client", "bytes_per_token"),
-    (
-        "first token, ms, on a connection: new, warm",
-        "first_token_new_connection_ms_p50 first_token_warm_connection_ms_p50",
-    ),
-    ("server memory per open stream, KiB", "rss_kib_per_stream"),
-    ("hang-up → cancelled, ms: p50, max", "disconnect_ms_p50 disconnect_ms_max"),
-    ("stalled reader, RSS growth, KiB: server, client", "stall_rss_growth_kib stall_client_rss_growth_kib"),
-    ("stalled reader, tokens (log): received, made", "stall_received stall_tokens_made"),
-)
-
-
-def protocols_figure(result: dict[str, Any]):
-    """``protocols.png``: a panel per entry of :data:`PANELS`, a group of bars per protocol."""
-    import matplotlib.pyplot as plt
-
-    figures, cfg = result["protocols"], result["config"]
-    names = list(figures)
-    fig, axes = plt.subplots(3, 3, figsize=(15, 10.5))
-    for ax, (title, keys) in zip(axes.flat, PANELS, strict=True):
-        keys = keys.split()
-        width = 0.8 / len(keys)
-        legends = title.rsplit(": ", 1)[1].split(", ") if len(keys) > 1 else [None]
-        for k, (key, legend) in enumerate(zip(keys, legends, strict=True)):
-            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(names))]
-            values = [float("nan") if figures[n][key] is None else figures[n][key] for n in names]
-            ax.bar_label(ax.bar(xs, values, width, label=legend), fmt="%.3g", fontsize="x-small")
-        if len(keys) > 1:
-            ax.legend(fontsize="x-small")
-        if "(log)" in title:
-            ax.set_yscale("log")
-        if title.startswith("ITL"):
-            ax.axhline(cfg["itl_ms"], color="grey", ls="--", lw=1)
-        ax.set_xticks(range(len(names)), names, fontsize="small")
-        ax.set_title(title, fontsize="medium")
-        ax.margins(y=0.15)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(
-        f"refimpl bench protocols: {cfg['streams']} streams × {cfg['tokens']} tokens,"
-        f" ttft {cfg['ttft_ms']:g} ms, itl {cfg['itl_ms']:g} ms, one server"
-    )
-    fig.tight_layout()
-    return fig
-
-
-def write_plot(folder: Path, result: dict[str, Any]) -> list[str]:
-    try:
-        import matplotlib
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return []
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
-    fig = protocols_figure(result)
-    fig.savefig(folder / "protocols.png", dpi=110)
-    plt.close(fig)
-    return ["protocols.png"]
-
-
 async def run(args: argparse.Namespace) -> int:
     s = settings(args)
     if shutil.which("ss") is None:
         raise SystemExit("refimpl bench protocols reads the kernel's byte counts with ss: install iproute2")
+    if args.write_lesson and s != Settings():
+        raise SystemExit("--write-lesson commits the lesson's run: leave every other option at its default")
     folder = args.out or Path("bench-results") / f"protocols-{time.strftime('%Y%m%d-%H%M%S')}"
     result = await measure(s)
     folder.mkdir(parents=True, exist_ok=True)
-    result["plots"] = write_plot(folder, result)
+    result["plots"] = write_plots(folder, result)
     table = markdown_table(result)
     (folder / "results.md").write_text(table + "\n")
     print(f"{table}\n\nresults: {write_results(folder, result)}\ntable: {folder / 'results.md'}")
@@ -522,4 +398,8 @@ async def run(args: argparse.Namespace) -> int:
     for f in result["protocols"].values():
         for e in f["error_messages"]:
             print(f"error: {e}", file=sys.stderr)
-    return 1 if any(f["errors"] for f in result["protocols"].values()) else 0
+    if any(f["errors"] for f in result["protocols"].values()):
+        return 1  # (and the lesson keeps its last good run)
+    if args.write_lesson:
+        print("".join(f"lesson: {path}\n" for path in write_lesson(result)), end="")
+    return 0

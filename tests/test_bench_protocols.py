@@ -6,8 +6,12 @@ of 5 tokens, 3 open streams, 2 set-ups and hang-ups, a half-second stall).
 Timings differ on every machine, so what is checked is what must hold on
 any: every protocol has every figure, token counts are exact, the kernel's
 byte counts and the server's CPU were read, every hang-up ended its
-generation, and the table, the JSON and the plot agree.  The parts that are
+generation, and the table, the JSON and the plots agree.  The parts that are
 pure functions (the ``ss`` parser, the clock offset) are checked exactly.
+
+Lesson 12's table is generated (``--write-lesson``): the last tests render
+it again from the committed JSON and fail when the lesson's differs, so its
+numbers cannot be edited by hand or drift from the run they came from.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import trio
 from PIL import Image
 
-from refimpl import bench, bench_protocols
+from refimpl import bench, bench_protocols, bench_protocols_report
 from refimpl.bench_protocol_clients import PROTOCOLS
-from refimpl.bench_protocols import ROWS, clock_offset, command_line, parse_ss, settings
+from refimpl.bench_protocols import clock_offset, command_line, parse_ss, settings
+from refimpl.bench_protocols_report import ROWS, generated, lesson_blocks, markdown_table, write_lesson
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ("--streams", "2", "--tokens", "5", "--ttft-ms", "5", "--itl-ms", "2", "--hold-streams", "3")
 SMALL += ("--setup-count", "2", "--stall-seconds", "0.5", "--stall-tokens", "20000")
@@ -87,15 +96,16 @@ def test_every_hang_up_ended_its_generation(measured):
 def test_the_table_the_plot_and_the_command(measured):
     out, _, stdout, result = measured
     table = (out / "results.md").read_text()
-    assert table.strip() == bench_protocols.markdown_table(result) and table.strip() in stdout
+    assert table.strip() == markdown_table(result) and table.strip() in stdout
     head, _, *rows = table.splitlines()
     assert head == "| | " + " | ".join(PROTOCOLS) + " |"
     assert [row.split(" | ")[0] for row in rows[: len(ROWS)]] == [f"| {label}" for label, _ in ROWS]
     assert all(row.count(" | ") == len(PROTOCOLS) for row in rows[: len(ROWS)])
-    assert result["plots"] == ["protocols.png"]
-    with Image.open(out / "protocols.png") as png:
-        assert png.format == "PNG" and min(png.size) > 100
-        png.verify()
+    assert result["plots"] == ["protocols.png", "stalled-reader.png"]
+    for name in result["plots"]:
+        with Image.open(out / name) as png:
+            assert png.format == "PNG" and min(png.size) > 100
+            png.verify()
     # The command in the results repeats the run.
     again = result["command"].split()
     assert again[:3] == ["refimpl", "bench", "protocols"]
@@ -146,3 +156,59 @@ def test_the_clock_offset_is_bounded_from_both_sides():
     offset, uncertainty = clock_offset(samples)
     # At most 100 + 0.001 (the second sample's request), at least 100 - 0.002 (the first's token).
     assert offset == pytest.approx(100 - 0.0005) and uncertainty == pytest.approx(0.0015)
+
+
+# -- lesson 12's table: generated, committed, checked ---------------------------------------------
+LESSON = ROOT / bench_protocols_report.LESSON
+DATA = ROOT / bench_protocols_report.DATA
+REGENERATE = (
+    "run `.venv/bin/python -m refimpl.bench_protocols_report` to draw it again from the JSON,"
+    " or `.venv/bin/refimpl bench protocols --write-lesson` to measure again"
+)
+
+
+def test_the_lessons_table_is_the_committed_run():
+    """Lesson 12's table is exactly what the committed JSON renders to; the
+    run is the bench's default, complete, and its figures are committed."""
+    result = json.loads(DATA.read_text())
+    blocks = lesson_blocks(result)
+    assert generated(LESSON.read_text(), list(blocks)) == blocks, REGENERATE
+    assert settings(parse(*result["command"].split()[2:])) == bench_protocols.Settings()
+    for name, f in result["protocols"].items():
+        assert f["tokens"] == f["tokens_asked"] and f["errors"] == 0, name
+    for path in bench_protocols_report.IMAGES.values():
+        with Image.open(ROOT / path) as png:
+            png.verify()
+        assert f"]({path.relative_to('lessons')})" in LESSON.read_text(), f"the lesson does not show {path}"
+
+
+def test_write_lesson_rewrites_the_blocks_and_nothing_else(measured, tmp_path):
+    _, _, _, result = measured
+    begin = bench_protocols_report.BEGIN.format(data=bench_protocols_report.DATA.as_posix(), name="table")
+    end = bench_protocols_report.END.format(name="table")
+    text = f"# 12 · a lesson\n\nBefore.\n\n{begin}\n| an old | table |\n{end}\n\nAfter.\n"
+    (tmp_path / "lessons").mkdir()
+    (tmp_path / bench_protocols_report.LESSON).write_text(text)
+    for _ in range(2):  # the second time finds the first's output and replaces it the same way
+        written = write_lesson(result, root=tmp_path)
+        lesson = (tmp_path / bench_protocols_report.LESSON).read_text()
+        assert lesson == text.replace("| an old | table |", markdown_table(result))
+    kept = json.loads((tmp_path / bench_protocols_report.DATA).read_text())
+    assert kept["protocols"] == result["protocols"] and kept["command"] == result["command"]
+    assert {p: list(s) for p, s in kept["samples"].items()} == {p: ["stall"] for p in PROTOCOLS}
+    assert sorted(p.relative_to(tmp_path) for p in written[1:-1]) == sorted(
+        bench_protocols_report.IMAGES.values()
+    )
+    # A lesson without the markers is an error, not a silent no-op.
+    (tmp_path / bench_protocols_report.LESSON).write_text("# 12 · no table\n")
+    with pytest.raises(LookupError, match="no block 'table'"):
+        write_lesson(result, root=tmp_path)
+    shutil.rmtree(tmp_path / "lessons")
+    with pytest.raises(SystemExit):
+        write_lesson(result, root=tmp_path)
+
+
+def test_write_lesson_takes_only_the_default_run():
+    args = parse("protocols", "--streams", "2", "--write-lesson")
+    with pytest.raises(SystemExit, match="--write-lesson"):
+        trio.run(args.run, args)
