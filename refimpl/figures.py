@@ -569,3 +569,38 @@ def read_cuts(body: bytes, chunkings: dict[str, list[bytes]], *, title: str = ""
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def held_window(runs: dict[str, Any], *, title: str = ""):
+    """Lesson 06: one line per ``refimpl.examples.h2_window.HeldRun`` in two
+    panels, the held stream's tokens made (log scale: the runs differ a
+    thousandfold) and the server's RSS growth, against the seconds since its
+    response began; a dot where its sibling on the same connection ended."""
+    import matplotlib.pyplot as plt
+
+    fig, (made, rss) = plt.subplots(1, 2, figsize=(11, 3.4))
+    for label, run in runs.items():
+        times, tokens, kib = zip(*run.samples, strict=True)
+        (line,) = made.plot(times, tokens, marker=".", label=f"{label}: {run.tokens:,} tokens")
+        rss.plot(
+            times,
+            [k / 1024 for k in kib],
+            marker=".",
+            color=line.get_color(),
+            label=f"{label}: +{run.growth_mib:,.0f} MiB",
+        )
+        if run.sibling_ended is not None:
+            i = min(range(len(times)), key=lambda j: abs(times[j] - run.sibling_ended))
+            made.scatter([times[i]], [tokens[i]], color=line.get_color(), s=60, zorder=3, edgecolor="black")
+    made.set_yscale("log")
+    made.set_ylabel("tokens the held stream's model made")
+    rss.set_ylabel("server RSS growth, MiB")
+    for ax in (made, rss):
+        ax.set_xlabel("seconds since the held stream's response began")
+        ax.legend(loc="center right", fontsize="small")
+        ax.grid(alpha=0.3)
+    made.set_title("the held stream (a dot: its sibling ended, whole)", fontsize="medium")
+    rss.set_title("memory", fontsize="medium")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -68,7 +68,7 @@ that way).  We override ``push``, ``pop`` and ``stream_send`` and rely on
 ``close``, ``_send_data``, ``_window_updated`` and ``_create_stream`` (which
 builds the buffers); :data:`WRITTEN_FOR` fingerprints all seven, and
 ``hypercorn_patches.install()`` checks them and calls :func:`install`.
-Lesson 10 (backpressure) is where this is taught.
+Lesson 06 (HTTP/2) teaches this; lesson 10 the backpressure it keeps.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER, BufferCompleteError
 
+# region: h2-written-for
 #: A fingerprint of each hypercorn method this module overrides or relies on
 #: (``hypercorn_patches.WRITTEN_FOR`` includes them, under its version check).
 WRITTEN_FOR = {
@@ -92,6 +93,7 @@ WRITTEN_FOR = {
     "H2Protocol._window_updated": "80fdf9db83dd916e",
     "H2Protocol._create_stream": "91eb123ddf247ede",
 }
+# endregion: h2-written-for
 
 #: The largest write buffered whole: one DATA frame of the default maximum
 #: size (RFC 9113 §4.2, 16,384 bytes).
@@ -103,6 +105,7 @@ STOCK_STREAM_BUFFER = hypercorn_h2.StreamBuffer
 STOCK_H2_PROTOCOL = hypercorn_h2.H2Protocol
 
 
+# region: h2-stream-buffer
 class FlowStreamBuffer(STOCK_STREAM_BUFFER):
     """hypercorn's per-stream buffer, whose writer waits while the window is closed."""
 
@@ -129,6 +132,10 @@ class FlowStreamBuffer(STOCK_STREAM_BUFFER):
         return data
 
 
+# endregion: h2-stream-buffer
+
+
+# region: h2-protocol
 class FlowH2Protocol(STOCK_H2_PROTOCOL):
     """hypercorn's HTTP/2 protocol, which buffers a large write a piece at a time."""
 
@@ -144,6 +151,9 @@ class FlowH2Protocol(STOCK_H2_PROTOCOL):
                 return  # reset or closed meanwhile: stock drops the rest too
             piece = bytes(whole[start : start + PIECE])
             await super().stream_send(type(event)(stream_id=event.stream_id, data=piece))
+
+
+# endregion: h2-protocol
 
 
 def fingerprints() -> dict[str, str]:
@@ -162,6 +172,7 @@ def fingerprints() -> dict[str, str]:
     return {name: _fingerprint(method) for name, method in methods.items()}
 
 
+# region: h2-install
 def install(enabled: bool | None = None) -> None:
     """Make hypercorn build our two classes (``hypercorn_patches.install()``
     calls this once it has compared the fingerprints).  Idempotent; refuses,
@@ -178,3 +189,6 @@ def install(enabled: bool | None = None) -> None:
     # connection's H2Protocol; H2Protocol._create_stream each StreamBuffer.
     hypercorn_protocol.H2Protocol = FlowH2Protocol if enabled else STOCK_H2_PROTOCOL
     hypercorn_h2.StreamBuffer = FlowStreamBuffer if enabled else STOCK_STREAM_BUFFER
+
+
+# endregion: h2-install
