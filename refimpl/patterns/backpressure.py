@@ -127,6 +127,7 @@ class Pause:
         self._left_at: float | None = None  # when the writer last went off to write
         self._blocked_until = 0.0  # when the last blocked write returned
         self._blocked_tokens = 0  # the model's count then
+        self._returned_blocked: float | None = None  # (see pull)
         gen.on_end = self._ending
 
     async def pull(self, limit: int, timeout: float = math.inf) -> list[str] | Idle:
@@ -136,8 +137,12 @@ class Pause:
             self.blocked += back - left
         self._check(back)  # (ending it here notes the pause first: _ending)
         self._left_at = None
+        # A write that blocked and then returned because the connection
+        # closed: the pull below is cancelled, and _ending must still see it.
+        self._returned_blocked = left if blocked else None
         before = self.gen.completion_tokens
         step = await self.gen.pull(limit, timeout)
+        self._returned_blocked = None
         if blocked and self.gen.behind:
             # A write blocked, and the model had tokens for us: it stood still.
             if self.paused_since is None:
@@ -154,8 +159,9 @@ class Pause:
         return step
 
     def _ending(self) -> None:
-        """The generation ends while we are away: a write still blocked."""
-        left = self._left_at
+        """The generation ends while we are away: a write still blocked (or
+        one that blocked and returned only because the client left)."""
+        left = self._left_at if self._left_at is not None else self._returned_blocked
         if self.paused_since is None and left is not None and trio.current_time() - left >= PAUSE_AFTER:
             self.gen.trace.record("paused", self.gen.completion_tokens, "write_blocked", at=left)
 
