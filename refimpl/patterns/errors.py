@@ -181,8 +181,7 @@ def ws_error_message(err: ModelError | APIError, gen_id: str | None = None) -> s
     a bad client message (an :class:`APIError`), which has no generation.
     ASCII escapes: a text frame must be valid UTF-8 (RFC 6455 §5.6), and an
     error may quote a lone surrogate the client sent."""
-    body = err.body() if isinstance(err, APIError) else model_failure_body(err)
-    return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), **body})
+    return dumps_ascii({"type": "error", **({"id": gen_id} if gen_id else {}), "error": error_object(err)})
 
 
 # endregion: mid-stream-error

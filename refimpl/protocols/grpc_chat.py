@@ -74,7 +74,7 @@ import trio
 from .. import hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
-from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
+from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled, Idle
 from ..patterns import backpressure, cancellation, errors, heartbeat
 from ..patterns.errors import APIError
 from ..patterns.shutdown import Shutdown
@@ -126,6 +126,14 @@ def usage(gen: Generation) -> pb.Usage:
     return pb.Usage(**gen.usage())
 
 
+def chunk(gen: Generation, step: list[str] | Idle) -> pb.ChatChunk:
+    """What both writers send for a pull: the ready tokens as one chunk, or
+    a heartbeat (an id-only chunk) when the pull said ``SILENT`` (lesson 08)."""
+    if step is SILENT:
+        return heartbeat.grpc_heartbeat(gen)
+    return pb.ChatChunk(id=gen.id, content="".join(step))
+
+
 def error_message(err: ModelError | APIError, gen_id: str = "") -> pb.ServerMessage:
     """``Chat``'s error message: the OpenAI error object, as the WebSocket's."""
     fields = errors.error_object(err)
@@ -161,10 +169,7 @@ class ChatService:
         try:
             yield pb.ChatChunk(id=gen.id)  # the headers leave now, with the id (above)
             while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
-                if step is SILENT:
-                    yield heartbeat.grpc_heartbeat(gen)  # lesson 08
-                else:
-                    yield pb.ChatChunk(id=gen.id, content="".join(step))  # blocks if they stop reading
+                yield chunk(gen, step)  # blocks if they stop reading
             yield pb.ChatChunk(id=gen.id, finish_reason=gen.finish_reason, usage=usage(gen))
         except ModelError as err:  # lesson 07: a status in the trailers, not a cut stream
             raise errors.grpc_error(err, gen.id) from None
@@ -255,11 +260,7 @@ class ChatCall:
             try:
                 try:
                     while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
-                        if step is SILENT:
-                            chunk = heartbeat.grpc_heartbeat(gen)
-                        else:
-                            chunk = pb.ChatChunk(id=gen.id, content="".join(step))
-                        await send.send(pb.ServerMessage(token=chunk))
+                        await send.send(pb.ServerMessage(token=chunk(gen, step)))
                     last = pb.ServerMessage(
                         done=pb.Done(id=gen.id, finish_reason=gen.finish_reason, usage=usage(gen))
                     )
