@@ -151,6 +151,39 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=d.batch_tokens,
         help="most ready tokens written at once when the model is ahead (1: one write per token)",
     )
+    p.add_argument(
+        "--resume-grace",
+        type=float,
+        default=d.resume_grace,
+        help='resumable requests: seconds a generation runs on with no reader before it is cancelled',
+    )
+    p.add_argument(
+        "--resume-window",
+        type=float,
+        default=d.resume_window,
+        help="resumable requests: seconds a finished generation stays replayable",
+    )
+    p.add_argument(
+        "--resume-max-events",
+        metavar="N",
+        type=int,
+        default=d.resume_max_events,
+        help="resumable requests: most events one generation logs (past it: error resume_log_full)",
+    )
+    p.add_argument(
+        "--resume-max-generations",
+        metavar="N",
+        type=int,
+        default=d.resume_max_generations,
+        help="resumable requests: most generations kept replayable in one process",
+    )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        default=d.store,
+        help="where resumable streams are logged: redis://HOST:PORT/DB (shared by every"
+        " process behind a proxy); default: this process's memory",
+    )
     p.add_argument("--model-name", default=d.model_name, help="the one model name served")
     p.add_argument("--quiet", action="store_true", help="no access log (one line per request)")
 
@@ -204,6 +237,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ws_ping_interval=args.ws_ping_interval or None,
         ws_ping_timeout=args.ws_ping_timeout,
         ws_max_message_bytes=args.ws_max_message_bytes,
+        resume_grace=args.resume_grace,
+        resume_window=args.resume_window,
+        resume_max_events=args.resume_max_events,
+        resume_max_generations=args.resume_max_generations,
+        store=args.store,
     )
 
 

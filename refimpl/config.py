@@ -76,3 +76,20 @@ class Config:
     ws_ping_timeout: float = 20.0
     # Largest WebSocket message accepted from a client; bigger: close 1009.
     ws_max_message_bytes: int = 1 << 20
+    # Resumable streams (patterns/resume.py, lesson 11).  A request with
+    # "resumable": true keeps generating this many seconds after its last
+    # reader left, waiting for one to come back (GET .../{id}/events);
+    # with no reader by then it is cancelled (client_disconnect).
+    resume_grace: float = 30.0
+    # Its events stay replayable this many seconds after it ended.
+    resume_window: float = 300.0
+    # Memory bounds: the events one generation may log (past it the
+    # generation ends with error resume_log_full) ...
+    resume_max_events: int = 10_000
+    # ... and the generations kept replayable at once in this process
+    # (the oldest finished one is forgotten first; all running: 429).
+    resume_max_generations: int = 500
+    # Where the replay log lives: None, this process's memory; or
+    # "redis://HOST:PORT/DB", Redis Streams shared by every process
+    # (stores/redis_store.py), so a client resumes on any of them.
+    store: str | None = None
