@@ -42,7 +42,8 @@ from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
 from .patterns.shutdown import Shutdown
-from .protocols import grpc_chat, http2, sse_chat, websocket_chat
+from .patterns.resume import Store
+from .protocols import grpc_chat, http2, resume_routes, sse_chat, websocket_chat
 from .protocols.http_json import json_response
 
 log = logging.getLogger("refimpl")
@@ -66,6 +67,9 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app.extensions["refimpl.shutdown"] = shutdown
 
     sse_chat.register(app, engine)
+    # Resumable streams (lesson 11): their logs in memory, or in Redis.
+    app.extensions["refimpl.resume"] = open_store(config)
+    resume_routes.register(app, engine)
     websocket_chat.register(app, engine, shutdown)
     http2.register(app)  # server push and 103 Early Hints, shown (lesson 06)
     # gRPC is not a Quart route: serve() puts connectrpc in front of the app.
@@ -158,6 +162,15 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     return app
 
 
+def open_store(config: Config) -> Store:
+    """Where resumable streams keep their events (``--store``)."""
+    if config.store is None:
+        return Store(config)
+    from .redis_store import RedisStore  # coredis: only when asked for
+
+    return RedisStore(config)
+
+
 def hypercorn_config(
     host: str,
     port: int,
@@ -232,6 +245,10 @@ async def serve(
             task_status=task_status,
         )
 
-    async with trio.open_nursery() as nursery:
+    # The store's connections (Redis) open before the first request and
+    # close after the last one; opened in a lifespan hook instead, a hard
+    # cancel would close them while hypercorn's tasks still ran.
+    resume_store = app.extensions.get("refimpl.resume") or Store(Config())
+    async with resume_store.open(), trio.open_nursery() as nursery:
         binds = await nursery.start(run)
         task_status.started(binds[0])

@@ -91,5 +91,5 @@ class Config:
     resume_max_generations: int = 500
     # Where the replay log lives: None, this process's memory; or
     # "redis://HOST:PORT/DB", Redis Streams shared by every process
-    # (stores/redis_store.py), so a client resumes on any of them.
+    # (redis_store.py), so a client resumes on any of them.
     store: str | None = None

@@ -327,6 +327,12 @@ class Generation:
         self._end("error", err.code)
         return err
 
+    def end_with(self, err: ModelError) -> None:
+        """End with an expected failure that is not the model's: a
+        resumable stream's log that is full or cannot be written
+        (``patterns/resume.py``).  Nothing pulls it any more."""
+        self._end("error", err.code)
+
     def heartbeat(self) -> None:
         self.trace.record("heartbeat", self.completion_tokens)
         self._engine.metrics.heartbeats.inc()

@@ -31,6 +31,9 @@ The event names are part of the public interface (DESIGN §2, "Trace"):
                   ``internal_error`` (a bug in its reader: close 1011),
                   ``ping_timeout``, ``stall_timeout``, ``message_too_big``
 ``done``          it finished normally; ``detail`` is the finish_reason
+``attached`` / ``detached``  a reader of a resumable stream came / went
+                  (``detail``: the ``Last-Event-ID`` it resumed after;
+                  ``patterns/resume.py``, lesson 11)
 
 Tests, lessons, notebooks and the demo page read traces through
 ``GET /v1/debug/generations/{id}`` (a route of ``app.py``) and through

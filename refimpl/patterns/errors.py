@@ -84,6 +84,7 @@ _STATUS_TYPE = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    499: "invalid_request_error",  # nginx's "client closed request"; Connect's "canceled"
     500: "server_error",
     503: "server_error",
     504: "server_error",
@@ -101,6 +102,17 @@ FAILURES: dict[str, tuple[int, bool]] = {
     # The client read too slowly (backpressure.py, policy "disconnect"); only
     # ever mid-stream, so the status only picks the error's type.
     "slow_consumer": (408, False),
+    # A resumable stream (resume.py, lesson 11); only ever mid-stream too.
+    # Its replay log reached --resume-max-events: ask for less.
+    "resume_log_full": (400, False),
+    # The shared store (Redis) failed: the stream cannot be logged or followed.
+    "store_unavailable": (503, True),
+    # The process that ran the generation died; nobody will finish it.
+    "generation_lost": (503, True),
+    # Cancelled by its client (POST .../{id}/cancel) or, resumable, left
+    # unread past --resume-grace: seen only by another reader of the stream.
+    "client_cancel": (499, False),
+    "client_disconnect": (499, False),
 }
 # endregion: failure-table
 
@@ -201,6 +213,7 @@ _GRPC_CODE = {
     408: "DEADLINE_EXCEEDED",
     413: "RESOURCE_EXHAUSTED",
     429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
@@ -237,7 +250,11 @@ def cancelled_error(reason: str) -> ModelError:
     other, with a code that says whose doing it was."""
     if reason == "shutdown":
         return ModelError("server_shutdown", "The server is shutting down; the generation was stopped.")
-    return ModelError(reason, f"The generation was cancelled ({reason}).")
+    why = {
+        "client_cancel": "a client asked for it (POST /v1/chat/completions/{id}/cancel)",
+        "client_disconnect": "its client left and no reader came back within --resume-grace seconds",
+    }.get(reason, reason)
+    return ModelError(reason, f"The generation was cancelled: {why}.")
 
 
 # region: bugs-and-logs

@@ -36,6 +36,7 @@ class ChatParams:
     stream: bool
     include_usage: bool
     backpressure: str | None = None  # None: the server's --backpressure
+    resumable: bool = False  # log the events for a resume (patterns/resume.py)
 
 
 def bad_request(message: str, param: str | None, code: str = "invalid_value") -> APIError:
@@ -157,7 +158,12 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         stop=_stop(body.get("stop")),
         simulate=parse_simulate(body.get("simulate"), defaults),
     )
-    return ChatParams(request, stream, include_usage, parse_backpressure(body.get("backpressure")))
+    resumable = body.get("resumable", False)
+    if not isinstance(resumable, bool):
+        raise bad_request("'resumable' must be a boolean.", "resumable")
+    if resumable and not stream:
+        raise bad_request("'resumable' is only allowed when 'stream' is enabled.", "resumable")
+    return ChatParams(request, stream, include_usage, parse_backpressure(body.get("backpressure")), resumable)
 
 
 # endregion: request-validation

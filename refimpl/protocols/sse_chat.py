@@ -41,7 +41,7 @@ already available leaves in one write (``Generation.pull``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from json.encoder import encode_basestring as json_string
 from typing import Any
@@ -55,6 +55,7 @@ from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
 from ..jsonwire import dumps
 from ..patterns import backpressure, cancellation, errors, heartbeat
 from ..sse import encode
+from . import resume_routes
 from .chat_request import parse_chat_request
 from .http_json import json_response, read_json_body
 
@@ -80,10 +81,13 @@ class ChunkFramer:
         }
         if include_usage:
             self._base["usage"] = None
-        # The encoder writes the template once; we split it around a marker
-        # so each token is just prefix + JSON-escaped text + suffix.
-        template = encode(dumps(self._chunk({"content": _MARK}, None)))
-        self._prefix, self._suffix = template.decode().split(json_string(_MARK))
+        # The template is written once and split around a marker, so each
+        # token is just prefix + JSON-escaped text + suffix: as a bare JSON
+        # string (a resumable stream's log, patterns/resume.py) and framed
+        # as an SSE event.
+        template = dumps(self._chunk({"content": _MARK}, None))
+        self._json = template.split(json_string(_MARK))
+        self._prefix, self._suffix = encode(template).decode().split(json_string(_MARK))
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -93,15 +97,25 @@ class ChunkFramer:
         p, s = self._prefix, self._suffix
         return "".join([p + json_string(t) + s for t in tokens]).encode()
 
+    def content_json(self, token: str) -> str:
+        return self._json[0] + json_string(token) + self._json[1]
+
+    def role_json(self) -> str:
+        return dumps(self._chunk({"role": "assistant", "content": ""}, None))
+
     def role(self) -> bytes:
-        return encode(dumps(self._chunk({"role": "assistant", "content": ""}, None)))
+        return encode(self.role_json())
+
+    def end_json(self) -> list[str]:
+        """The data of the final chunk, the usage chunk if asked for, ``[DONE]``."""
+        out = [dumps(self._chunk({}, self.gen.finish_reason))]
+        if self.include_usage:
+            out.append(dumps({**self._base, "usage": self.gen.usage()}))
+        return [*out, "[DONE]"]
 
     def end(self) -> bytes:
-        """Final chunk, the usage chunk if asked for, and ``[DONE]``: one write."""
-        out = encode(dumps(self._chunk({}, self.gen.finish_reason)))
-        if self.include_usage:
-            out += encode(dumps({**self._base, "usage": self.gen.usage()}))
-        return out + DONE
+        """The ending as one write."""
+        return b"".join(encode(data) for data in self.end_json())
 
 
 # endregion: chunk-framer
@@ -147,29 +161,46 @@ def register(app: Quart, engine: Engine) -> None:
         params = parse_chat_request(
             await read_json_body(), served_model=config.model_name, defaults=config.simulate
         )
+        if params.resumable:  # its log must fit before the model starts
+            resume_routes.store(app).registry.make_room()
         gen = engine.start(params.model_request, "sse" if params.stream else "http")
         headers = {"X-Request-Id": gen.id}
         if not params.stream:
             return await complete(gen, headers, config)
+        if params.resumable:  # lesson 11: a producer task and a log
+            return resume_routes.start(app, gen, params, headers)
         # region: sse-response
-        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        if request.http_version == "1.1":
-            headers["Connection"] = "keep-alive"
-        # A client that reads nothing for stall_timeout seconds is dropped
-        # and its generation cancelled at once (lesson 10): hypercorn's
-        # stream finds the watchdog in the scope when the response starts.
-        watchdog = hypercorn_patches.Watchdog(ping_interval=None, stall_timeout=config.stall_timeout)
-        watchdog.on_drop = partial(cancellation.client_left, gen)
-        request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
         framer = ChunkFramer(gen, params.include_usage)
         # coalesce's producer lives in the app's nursery: it must not be
         # held open across the body generator's yields (DESIGN §4).
         flow = backpressure.flow(gen, params.backpressure, config, app.nursery)
         body = stream_chunks(gen, flow, framer, config)
-        response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
-        response.timeout = None  # Quart would cut the stream at 60 s
-        return response
+        # A client that reads nothing for stall_timeout seconds is dropped
+        # and its generation cancelled at once (lesson 10).
+        return event_stream(body, headers, config, on_drop=partial(cancellation.client_left, gen))
         # endregion: sse-response
+
+
+# region: event-stream
+def event_stream(
+    body: AsyncIterator[bytes], headers: dict[str, str], config: Config, on_drop: Callable | None
+) -> Response:
+    """A ``text/event-stream`` response with the headers that keep every hop
+    from buffering it, and the stall guard under it."""
+    headers = headers | {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if request.http_version == "1.1":
+        headers["Connection"] = "keep-alive"
+    # hypercorn's stream finds the watchdog in the scope when the response
+    # starts: a write that waits stall_timeout seconds drops the client.
+    watchdog = hypercorn_patches.Watchdog(ping_interval=None, stall_timeout=config.stall_timeout)
+    watchdog.on_drop = on_drop
+    request.scope[hypercorn_patches.SCOPE_KEY] = watchdog
+    response = Response(body, 200, headers, content_type="text/event-stream; charset=utf-8")
+    response.timeout = None  # Quart would cut the stream at 60 s
+    return response
+
+
+# endregion: event-stream
 
 
 # region: complete
