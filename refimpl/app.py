@@ -41,8 +41,8 @@ from .engine import Engine
 from .metrics import Metrics
 from .model import Backend, SimulatedModel
 from .patterns.errors import APIError, error_body
-from .patterns.shutdown import Shutdown
 from .patterns.resume import Store
+from .patterns.shutdown import Shutdown
 from .protocols import grpc_chat, http2, resume_routes, sse_chat, websocket_chat
 from .protocols.http_json import json_response
 

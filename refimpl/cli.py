@@ -155,7 +155,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--resume-grace",
         type=float,
         default=d.resume_grace,
-        help='resumable requests: seconds a generation runs on with no reader before it is cancelled',
+        help="resumable requests: seconds a generation runs on with no reader before it is cancelled",
     )
     p.add_argument(
         "--resume-window",

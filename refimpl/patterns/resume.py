@@ -101,7 +101,9 @@ class ReplayLog:
     def append(self, events: list[tuple[str | None, str]], last: bool = False) -> list[Entry]:
         """Number and frame ``(event type, data)`` pairs, then add them."""
         n = self.seq
-        new = [Entry(n + i, encode(data, event=kind, id=str(n + i))) for i, (kind, data) in enumerate(events, 1)]
+        new = [
+            Entry(n + i, encode(data, event=kind, id=str(n + i))) for i, (kind, data) in enumerate(events, 1)
+        ]
         new[-1].last = last
         self.extend(new)
         return new
