@@ -204,17 +204,17 @@ async def produce(gen: Generation, log: ReplayLog, framer: ChunkFramer, store: S
                     next_look = trio.current_time() + tick
                     await look_for_readers(gen, log, store, config.resume_grace)
             ending = [(None, data) for data in framer.end_json()]
+        except store.Unavailable as err:  # the log cannot be written: nor can the stream
+            log.fail(_ended(gen, err))
+            return
         except ModelError as err:  # the model's (lesson 07), or the log is full
             ending = [error_event(err)]
         except GenerationCancelled as cancel:  # POST .../cancel, the grace, shutdown
             ending = [error_event(errors.cancelled_error(cancel.reason))]
-        except store.Unavailable as err:  # the log cannot be written: nor can the stream
-            log.fail(_ended(gen, err))
-            return
         except Exception as bug:
             ending = [error_event(gen.fail(bug))]
         await put(ending, last=True)
-    except store.Unavailable as err:
+    except store.Unavailable as err:  # the ending could not be written
         log.fail(err)
     finally:
         if not gen.finished:  # the app's nursery was cancelled under us

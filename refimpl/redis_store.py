@@ -1,0 +1,255 @@
+"""``refimpl serve --store redis://HOST:PORT/DB``: resumable streams shared by
+every process (lesson 11, "scale-out").
+
+Strategy
+--------
+With the memory store (``patterns/resume.py``) a resume must reach the one
+process that runs the generation, and a load balancer will not know which
+one that is.  Here each generation's log also goes to a **Redis Stream**, so
+any process can serve any resume:
+
+``refimpl:{id}:events``  the stream.  Entry ``<seq>-0`` holds one SSE event
+    (its bytes, ``id:`` line included) and whether it is the last.  Redis
+    accepts an explicit id only if it is greater than the stream's last, so
+    a write can never be doubled.  XADD carries ``MAXLEN ~`` as a safety cap
+    (the producer ends a generation before it gets there); ``PEXPIRE`` keeps
+    the stream ``--resume-window`` seconds after its end.
+``refimpl:{id}:owner``   a lease, refreshed by the producing process every
+    tick.  A SIGKILLed process stops refreshing it: a follower that finds
+    it gone and the stream unfinished ends with ``generation_lost`` instead
+    of waiting for ever.
+``refimpl:{id}:reader``  refreshed while a process elsewhere has a reader,
+    so the producer's grace (no reader: cancel) counts readers everywhere.
+``refimpl:{id}:cancel`` and the channel ``refimpl:cancel``: ``POST
+    .../cancel`` on any process sets the key and publishes the id; the
+    producing process cancels at once on the message, or at its next tick
+    from the key (Redis pub/sub delivers at most once: a message sent while
+    a subscriber reconnects is lost).
+
+A process that gets a resume for a generation running elsewhere keeps a
+*mirror*: a :class:`~refimpl.patterns.resume.ReplayLog` filled by one task
+that reads the stream (XRANGE, then ``XREAD BLOCK`` one tick at a time); its
+readers follow the mirror exactly as they follow a local log.  One blocked
+read per generation, not per reader, and XREAD from the last id seen is
+safe to repeat.
+
+Why coredis (6.9): it is built on anyio, so it runs under trio as is: trio
+sockets, trio cancellation, no thread or asyncio bridge.  Measured before we
+chose it: a cancelled ``XREAD BLOCK`` drops its own connection and leaves
+the client usable; a cancelled pub/sub wait loses no message; it reconnects
+after Redis restarts.  valkey-glide also runs under trio, but a cancelled
+blocking XREAD wedged its client and a cancelled pub/sub wait swallowed the
+next message; redis-py's asyncio client does not run under trio at all.
+Retries are off: a failure becomes ``store_unavailable``, said once, in the
+stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import trio
+from coredis.exceptions import RedisError
+from coredis.retry import NoRetryPolicy
+
+from .config import Config
+from .patterns.errors import APIError
+from .patterns.resume import REPLAY_BATCH, Entry, ReplayLog, Store
+
+log = logging.getLogger("refimpl")
+
+CHANNEL = "refimpl:cancel"
+#: What a store call may raise when Redis is down, slow or gone.
+FAILURES = (RedisError, TimeoutError, OSError)
+
+
+def key(gen_id: str, part: str) -> str:
+    return f"refimpl:{gen_id}:{part}"
+
+
+class RedisStore(Store):
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.url = config.store
+        self.period = min(1.0, config.resume_grace / 4)  # the producer's tick, too
+        self.lease_ms = round(3000 * self.period)
+        self.window_ms = round(1000 * config.resume_window)
+        self.max_events = config.resume_max_events
+        self.worker = str(os.getpid())
+
+    # region: redis-open
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[RedisStore]:
+        options: dict[str, Any] = {
+            "retry_policy": NoRetryPolicy(),
+            "connect_timeout": 2.0,
+            "pool_timeout": 2.0,
+        }
+        # Commands share one multiplexed connection; each blocked XREAD
+        # holds a connection of its own, so mirrors get their own pool.
+        self.redis = coredis.Redis.from_url(self.url, stream_timeout=5.0, **options)
+        self.blocking = coredis.Redis.from_url(
+            self.url, stream_timeout=self.period + 5.0, max_connections=4096, **options
+        )
+        try:
+            async with self.redis, self.blocking, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._listen_for_cancels)
+                yield self
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # coredis's task groups wrap what the server raised
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    # endregion: redis-open
+
+    def unavailable(self, err: BaseException) -> Store.Unavailable:
+        log.warning("resume store %s: %s: %s", self.url, type(err).__name__, err)
+        return Store.Unavailable(
+            "store_unavailable", "The resume store (Redis) is unavailable; this stream cannot go on."
+        )
+
+    # region: redis-write
+    async def appended(self, log: ReplayLog, entries: list[Entry]) -> None:
+        events, owner = key(log.gen_id, "events"), key(log.gen_id, "owner")
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for e in entries:
+                    pipe.xadd(
+                        events,
+                        {"w": e.wire, "l": b"1" if e.last else b"0"},
+                        identifier=f"{e.seq}-0",
+                        trim_strategy=coredis.PureToken.MAXLEN,
+                        threshold=self.max_events,
+                        trim_operator=coredis.PureToken.APPROXIMATELY,
+                    )
+                if entries[0].seq == 1:  # the first write: the lease starts
+                    pipe.set(owner, self.worker, px=self.lease_ms)
+                    pipe.pexpire(events, self.window_ms + self.lease_ms)
+                if entries[-1].last:  # the end: kept for the window, then gone
+                    pipe.pexpire(events, self.window_ms)
+                    pipe.delete([owner])
+        except FAILURES as err:
+            raise self.unavailable(err) from None
+
+    async def tick(self, log: ReplayLog) -> bool:
+        """Renew the lease; cancel if asked through the key; True if a
+        reader in another process follows this generation."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(key(log.gen_id, "owner"), self.worker, px=self.lease_ms)
+                pipe.pexpire(key(log.gen_id, "events"), self.window_ms + self.lease_ms)
+                reader = pipe.exists([key(log.gen_id, "reader")])
+                cancel = pipe.exists([key(log.gen_id, "cancel")])
+            if await cancel and log.gen is not None:
+                log.gen.cancel("client_cancel")
+            return bool(await reader)
+        except FAILURES as err:
+            raise self.unavailable(err) from None
+
+    # endregion: redis-write
+
+    # region: redis-find
+    async def find(self, gen_id: str) -> ReplayLog | None:
+        found = self.registry.get(gen_id)
+        if found is not None and (found.gen is not None or found.failure is None):
+            return found  # ours, or a mirror still good (a failed one: look again)
+        try:
+            if not await self.redis.exists([key(gen_id, "events")]):
+                return None
+        except FAILURES as err:
+            raise APIError(
+                503, self.unavailable(err).message, code="store_unavailable", retry_after=1.0
+            ) from None
+        mirror = ReplayLog(gen_id)
+        self.registry.add(mirror)
+        self._nursery.start_soon(self._mirror, mirror)
+        return mirror
+
+    async def _mirror(self, mirror: ReplayLog) -> None:
+        """Copy a generation running elsewhere into ``mirror``, to its end."""
+        events, last = key(mirror.gen_id, "events"), b"0-0"
+        renew_at = trio.current_time()
+        try:
+            while not mirror.ended:
+                if mirror.readers and trio.current_time() >= renew_at:  # "someone reads it here"
+                    renew_at = trio.current_time() + self.period
+                    await self.redis.set(key(mirror.gen_id, "reader"), self.worker, px=self.lease_ms)
+                reply = await self.blocking.xread(
+                    {events: last}, count=REPLAY_BATCH, block=round(1000 * self.period)
+                )
+                if reply:
+                    found = next(iter(reply.values()))
+                    last = found[-1].identifier
+                    mirror.extend([_entry(e.identifier, e.field_values) for e in found])
+                # No lease: either it just ended (read once more) or its process died.
+                elif not await self.redis.exists(
+                    [key(mirror.gen_id, "owner")]
+                ) and not await self.redis.xrange(events, b"(" + _bytes(last), "+", count=1):
+                    mirror.fail(_lost(mirror.gen_id))
+        except FAILURES as err:
+            mirror.fail(self.unavailable(err))
+
+    # endregion: redis-find
+
+    # region: redis-cancel
+    async def cancel_elsewhere(self, gen_id: str) -> ReplayLog | None:
+        found = await self.find(gen_id)
+        if found is None or found.ended:
+            return found
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(key(gen_id, "cancel"), b"1", px=self.window_ms)
+                pipe.publish(CHANNEL, gen_id)
+        except FAILURES as err:
+            raise APIError(
+                503, self.unavailable(err).message, code="store_unavailable", retry_after=1.0
+            ) from None
+        return found
+
+    async def _listen_for_cancels(self) -> None:
+        said = False
+        while True:
+            try:
+                async with self.redis.pubsub(channels=[CHANNEL], ignore_subscribe_messages=True) as messages:
+                    said = False
+                    async for message in messages:
+                        found = self.registry.get(_text(message["data"]))
+                        if found is not None and found.gen is not None:
+                            found.gen.cancel("client_cancel")
+            except FAILURES as err:  # Redis is down: the cancel key covers the gap
+                if not said:  # once per outage
+                    log.warning(
+                        "resume store %s: cancel channel lost (%s); retrying", self.url, type(err).__name__
+                    )
+                    said = True
+                await trio.sleep(self.period)
+
+    # endregion: redis-cancel
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(identifier: str | bytes, fields: dict) -> Entry:
+    seq = int(_bytes(identifier).split(b"-")[0])
+    get = {_text(k): v for k, v in fields.items()}.get
+    return Entry(seq, _bytes(get("w")), _bytes(get("l")) == b"1")
+
+
+def _lost(gen_id: str) -> Store.Unavailable:
+    return Store.Unavailable(
+        "generation_lost",
+        f"The process that ran generation {gen_id} stopped before it ended; nobody can finish it.",
+    )
