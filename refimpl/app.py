@@ -68,7 +68,8 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
     sse_chat.register(app, engine)
     # Resumable streams (lesson 11): their logs in memory, or in Redis.
-    app.extensions["refimpl.resume"] = open_store(config)
+    app.extensions["refimpl.resume"] = resume_store = open_store(config)
+    engine.metrics.resume_logs.set_function(lambda: len(resume_store.registry.logs))
     resume_routes.register(app, engine)
     websocket_chat.register(app, engine, shutdown)
     http2.register(app)  # server push and 103 Early Hints, shown (lesson 06)

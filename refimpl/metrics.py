@@ -14,7 +14,10 @@ Names (public, DESIGN §2): ``refimpl_active_generations``,
 ``refimpl_queued_generations``,
 ``refimpl_generations_total``, ``refimpl_tokens_total``,
 ``refimpl_cancellations_total{reason}``, ``refimpl_errors_total{reason}``,
-``refimpl_heartbeats_total``.
+``refimpl_heartbeats_total``; for resumable streams (lesson 11)
+``refimpl_resumes_total{where}`` (``local``: the log was in this process;
+``mirror``: it ran in another one, through Redis) and
+``refimpl_resume_logs`` (replay logs this process keeps now).
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ class Metrics:
             "Heartbeats sent while a generation ran: SSE comments, WebSocket pings.",
             registry=r,
         )
+
+        self.resumes = Counter(
+            "refimpl_resumes",
+            "GET /v1/chat/completions/{id}/events answered with a stream, by where its log was.",
+            ["where"],
+            registry=r,
+        )
+        self.resume_logs = Gauge("refimpl_resume_logs", "Replay logs kept in this process.", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

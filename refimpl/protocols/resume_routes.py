@@ -118,6 +118,7 @@ def register(app: Quart, engine: Engine) -> None:
         headers = {"X-Request-Id": gen_id}
         if log.ended and log.failure is None and after >= log.seq:
             return Response(b"", 204, headers)  # nothing more: EventSource stops here
+        engine.metrics.resumes.labels(where="local" if log.gen is not None else "mirror").inc()
         body = resume.follow(log, after, config.heartbeat, first=resume.RETRY)
         return sse_chat.event_stream(body, headers, config, on_drop=None)
 
