@@ -322,6 +322,16 @@ def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
     print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
     print(f'  gRPC      : {me} chat "Why stream tokens?" --url {url} --protocol grpc')
     print(f"  metrics   : {url}/metrics", flush=True)
+    if config.store:
+        print(
+            f"  resume    : resumable streams are logged in {config.store}, shared by every process",
+            flush=True,
+        )
+    elif workers > 1:  # each worker's memory store is its own (lesson 11)
+        print(
+            "  resume    : each worker keeps its own resumable streams; --store redis://... shares them",
+            flush=True,
+        )
     if config.certfile:
         trust = f"; clients trust {config.ca}" if config.ca else ""
         print(f"  TLS       : HTTP/2 or HTTP/1.1, agreed by ALPN{trust}", flush=True)
