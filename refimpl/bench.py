@@ -63,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from .bench_backpressure import add_parser as add_backpressure_parser  # (they import this module)
     from .bench_cancel import add_parser as add_cancel_parser
     from .bench_protocols import add_parser as add_protocols_parser
+    from .bench_resume import add_parser as add_resume_parser
 
     scenarios = p.add_subparsers(dest="scenario", title="scenarios")
     for name in SCENARIOS:
@@ -70,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_cancel_parser(scenarios)
     add_backpressure_parser(scenarios)
     add_protocols_parser(scenarios)
+    add_resume_parser(scenarios)
 
 
 async def show_progress(label: str, total: int, count: Callable[[], int]) -> None:

@@ -47,7 +47,7 @@ END = "<!-- end generated: {name} -->"
 
 
 # -- the table ----------------------------------------------------------------------------------
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if not isinstance(value, int | float):
         return "-" if value is None else str(value)
     return f"{value:,.0f}" if isinstance(value, int) or abs(value) >= 100 else f"{value:,.2f}"
@@ -88,7 +88,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     figures, cfg = result["protocols"], result["config"]
     lines = ["| | " + " | ".join(figures) + " |", "|---|" + "---:|" * len(figures)]
     for label, keys in ROWS:
-        cells = [" / ".join(_cell(f[k]) for k in keys.split()) for f in figures.values()]
+        cells = [" / ".join(cell(f[k]) for k in keys.split()) for f in figures.values()]
         if keys.startswith("disconnect_ms"):  # a footnote where the hang-up did nothing
             cells = [
                 c + " ¹" * bool(f["hang_ups_not_seen"]) for c, f in zip(cells, figures.values(), strict=True)
@@ -235,30 +235,32 @@ def lesson_blocks(result: dict[str, Any]) -> dict[str, str]:
     return {"table": markdown_table(result)}
 
 
-def _find(lines: list[str], name: str) -> tuple[int, int]:
+# The three functions below serve every bench that writes a lesson (``bench_resume_report.py``
+# too): ``begin`` is that bench's :data:`BEGIN`, ``data`` its JSON.
+def _find(lines: list[str], name: str, begin: str, data: Path) -> tuple[int, int]:
     """The indexes of the block's two marker lines; LookupError if either is missing."""
-    begin, end = BEGIN.format(data=DATA.as_posix(), name=name), END.format(name=name)
+    begin, end = begin.format(data=data.as_posix(), name=name), END.format(name=name)
     try:
         first = lines.index(begin)
         return first, lines.index(end, first + 1)
     except ValueError:
         raise LookupError(
-            f"{LESSON} has no block {name!r}: put the lines\n{begin}\n{end}\nwhere it goes"
+            f"the lesson has no block {name!r}: put the lines\n{begin}\n{end}\nwhere it goes"
         ) from None
 
 
-def generated(text: str, names: list[str]) -> dict[str, str]:
+def generated(text: str, names: list[str], begin: str = BEGIN, data: Path = DATA) -> dict[str, str]:
     """The blocks called ``names`` as a lesson holds them now (for the test)."""
     lines = text.split("\n")
-    return {name: "\n".join(lines[slice(*_find(lines, name))][1:]) for name in names}
+    return {name: "\n".join(lines[slice(*_find(lines, name, begin, data))][1:]) for name in names}
 
 
-def rewrite(text: str, blocks: dict[str, str]) -> str:
+def rewrite(text: str, blocks: dict[str, str], begin: str = BEGIN, data: Path = DATA) -> str:
     """``text`` with the body of each named block replaced; a block the text
     lacks (either marker line) is an error, not silently skipped."""
     lines = text.split("\n")
     for name, body in blocks.items():
-        first, last = _find(lines, name)
+        first, last = _find(lines, name, begin, data)
         lines[first + 1 : last] = body.split("\n")
     return "\n".join(lines)
 

@@ -76,6 +76,7 @@ class Config:
     ws_ping_timeout: float = 20.0
     # Largest WebSocket message accepted from a client; bigger: close 1009.
     ws_max_message_bytes: int = 1 << 20
+    # region: resume-settings
     # Resumable streams (patterns/resume.py, lesson 11).  A request with
     # "resumable": true keeps generating this many seconds after its last
     # reader left, waiting for one to come back (GET .../{id}/events);
@@ -93,3 +94,4 @@ class Config:
     # "redis://HOST:PORT/DB", Redis Streams shared by every process
     # (redis_store.py), so a client resumes on any of them.
     store: str | None = None
+    # endregion: resume-settings

@@ -103,6 +103,7 @@ class Generation:
         self.created = int(time.time())
         self.request = request
         self.protocol = protocol
+        self.resumable = False  # its events are logged for a resume (patterns/resume.py)
         self.trace = Trace(self.id)
         self._engine = engine
         # Stamp "accepted" before the model starts, so that the model's own

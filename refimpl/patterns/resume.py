@@ -186,7 +186,8 @@ async def produce(gen: Generation, log: ReplayLog, framer: ChunkFramer, store: S
     """The generation's one writer: from the model into the log, to the end,
     whoever reads.  Runs in the app's nursery."""
     tick = min(1.0, config.resume_grace / 4)  # how often to look for readers
-    room = config.resume_max_events - 3  # the ending takes up to 3 events
+    # The ending takes 2 events (the final chunk, [DONE]), 3 with usage.
+    room = config.resume_max_events - (3 if framer.include_usage else 2)
     next_look = trio.current_time() + tick
 
     async def put(events: list[tuple[str | None, str]], last: bool = False) -> None:
@@ -197,9 +198,11 @@ async def produce(gen: Generation, log: ReplayLog, framer: ChunkFramer, store: S
             await put([(None, framer.role_json())])
             while (step := await gen.pull(config.batch_tokens, timeout=tick)) is not FINISHED:
                 if step is not SILENT:
-                    if log.seq + len(step) > room:
+                    fits = step[: room - log.seq]
+                    if fits:
+                        await put([(None, framer.content_json(t)) for t in fits])
+                    if len(fits) < len(step):  # a token that cannot be logged: the end
                         raise _ended(gen, log_full(config.resume_max_events))
-                    await put([(None, framer.content_json(t)) for t in step])
                 if trio.current_time() >= next_look:
                     next_look = trio.current_time() + tick
                     await look_for_readers(gen, log, store, config.resume_grace)
@@ -233,7 +236,7 @@ def _ended(gen: Generation, err: ModelError) -> ModelError:
 def log_full(limit: int) -> ModelError:
     return ModelError(
         "resume_log_full",
-        f"This resumable stream reached the server's limit of {limit} events"
+        f"This resumable stream needs more than the server's limit of {limit} events"
         " (--resume-max-events); ask for fewer tokens, or for a stream that is not resumable.",
     )
 

@@ -56,6 +56,7 @@ def start(app: Quart, gen: Generation, params: ChatParams, headers: dict[str, st
     """The resumable branch of ``POST /v1/chat/completions``."""
     config = app.config["REFIMPL"]
     log = store(app).create(gen)
+    gen.resumable = True
     framer = sse_chat.ChunkFramer(gen, params.include_usage)
     app.nursery.start_soon(resume.produce, gen, log, framer, store(app), config)
     body = resume.follow(log, 0, config.heartbeat)
@@ -68,6 +69,7 @@ def start(app: Quart, gen: Generation, params: ChatParams, headers: dict[str, st
 # endregion: resumable-post
 
 
+# region: last-event-id
 def last_event_id() -> int:
     """``Last-Event-ID`` (or ``?last_event_id=``): the id of the last event
     the client has; 0 if it has none."""
@@ -84,8 +86,12 @@ def last_event_id() -> int:
     return int(value)
 
 
+# endregion: last-event-id
+
+
 def unknown(gen_id: str, engine: Engine) -> APIError:
-    if engine.get(gen_id) is not None:
+    gen = engine.get(gen_id)
+    if gen is not None and not gen.resumable:
         why = 'it was not requested with "resumable": true'
     else:
         why = "no such generation, or it ended more than --resume-window seconds ago"

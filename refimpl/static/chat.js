@@ -2,7 +2,8 @@
 // as it arrives with live numbers (TTFT, tokens, tokens/s, last ITL, pings),
 // show a failure as a failure, and when the turn ends draw the server's
 // trace of it.  The pieces, one idea a file:
-//   transport_sse.js      POST + fetch reader + sse.js parser   (lessons 01, 04)
+//   transport_sse.js      POST + fetch reader + sse.js parser   (lessons 01, 04),
+//                         and resuming a cut stream             (lesson 11)
 //   transport_ws.js       the /v1/ws/chat WebSocket              (lesson 03)
 //   transport_connect.js  gRPC StreamChat over Connect, fetch    (lesson 05)
 //   stats.js              the live numbers, measured in the browser
@@ -56,6 +57,7 @@ async function send() {
   $("usage").textContent = "";
   $("error").hidden = true;
   $("generation").textContent = "";
+  $("resumed").hidden = true;
   $("timeline").replaceChildren();
   $("trace").textContent = "(drawn when the turn ends)";
   $("status").textContent = "waiting for the first token…";
@@ -64,6 +66,7 @@ async function send() {
 
   // Every token updates the text and the numbers at once: the status must
   // move while tokens stream, not only at the end.
+  const resumes = []; // the last event id before each resume
   const on = {
     token(text) {
       stats.token(performance.now());
@@ -75,10 +78,18 @@ async function send() {
       stats.ping(performance.now());
       showStats(view());
     },
+    // A resumable SSE stream was cut and goes on from the event after
+    // `lastEventId`: say so, the text alone would not show it.
+    resumed(lastEventId) {
+      resumes.push(lastEventId);
+      $("resumed").textContent = `resumed after event ${resumes.join(", then after event ")}`;
+      $("resumed").hidden = false;
+    },
   };
   let outcome;
   try {
-    outcome = await protocol.stream(readRequest(), on, stop.signal);
+    // `resumable` is SSE's alone; the other transports take no options.
+    outcome = await protocol.stream(readRequest(), on, stop.signal, { resumable: $("resumable").checked });
   } finally {
     $("send").disabled = false;
     $("stop").disabled = true;
