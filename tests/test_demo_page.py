@@ -357,3 +357,155 @@ async def test_stop_cancels_the_generation(server, protocol, reason):
     assert stopped["timeline"] == drawn_as_traced(trace)
     assert seen["next"].startswith("done: 3 tokens")
     assert not server.engine.active
+
+
+# -- resumable streams (lesson 11): a connection that breaks -------------------------
+REQUEST_LINE = re.compile(rb"(GET|POST) (\S+) HTTP/1\.1\r\n(.*?)\r\n\r\n", re.DOTALL)
+LAST_EVENT_ID = re.compile(rb"^last-event-id: *(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
+STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+@dataclass
+class Exchange:
+    """One request through the relay and the status it got (None: none yet)."""
+
+    method: str
+    path: str
+    last_event_id: str | None  # the header as the browser sent it; None: absent
+    status: int | None = None
+
+
+class Relay:
+    """A TCP relay between Chromium and the server at ``target`` that breaks one stream.
+
+    Chromium loads the page from ``url``, so every request of the page goes
+    through it, byte for byte both ways.  Given ``cut_in=N``, the first
+    stream that reaches event N (``id: N``: only resumable streams number
+    their events) is cut *inside* it: the relay forwards that event's id line
+    and the start of its ``data:``, then closes both sockets.  A real cut, the
+    one a restarted proxy or a dropped link makes: the browser sees a chunked
+    body end mid-chunk, the server sees its client go, and event N arrived in
+    half.  A reader must drop half an event (WHATWG HTML §9.2.6: only a blank
+    line dispatches it, only a dispatched event sets the last event ID), so a
+    correct resume says ``Last-Event-ID: N-1``.
+
+    It keeps every request it forwarded (:attr:`exchanges`): what the
+    browser really sent (``Last-Event-ID``) and the status it got."""
+
+    def __init__(self, target: str, cut_in: int | None) -> None:
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        # The bytes the cut falls after.  The server writes whole events, so
+        # chunk boundaries fall between them and these bytes arrive together.
+        self.cut_at = None if cut_in is None else f"\nid: {cut_in}\ndata: ".encode()
+        self.cuts = 0
+        self.exchanges: list[Exchange] = []  # in the order the browser sent them
+        self.url = ""
+
+    async def start(self, nursery: trio.Nursery) -> Relay:
+        listeners = await nursery.start(partial(trio.serve_tcp, self._relay, 0, host="127.0.0.1"))
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        return self
+
+    def requests_to(self, suffix: str) -> list[tuple[str | None, int | None]]:
+        """(Last-Event-ID, status) of each request to a path ending in ``suffix``."""
+        return [(x.last_event_id, x.status) for x in self.exchanges if x.path.endswith(suffix)]
+
+    async def _relay(self, browser: trio.SocketStream) -> None:
+        mine: list[Exchange] = []  # this connection's requests, in order
+        async with (
+            browser,
+            await trio.open_tcp_stream(*self.target) as server,
+            trio.open_nursery() as nursery,
+        ):
+            # When either direction ends, both sockets close: the relay is
+            # one connection, not two half-closed ones.
+            nursery.start_soon(self._up, browser, server, mine, nursery.cancel_scope)
+            nursery.start_soon(self._down, server, browser, mine, nursery.cancel_scope)
+
+    async def _up(self, browser, server, mine: list[Exchange], done: trio.CancelScope) -> None:
+        sent, scanned = bytearray(), 0
+        try:
+            async for data in browser:
+                sent += data
+                for m in REQUEST_LINE.finditer(sent, scanned):
+                    scanned = m.end()
+                    header = LAST_EVENT_ID.search(m[3])
+                    mine.append(Exchange(m[1].decode(), m[2].decode(), header and header[1].decode()))
+                    self.exchanges.append(mine[-1])
+                await server.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # a side hung up hard: so does the relay
+        done.cancel()
+
+    async def _down(self, server, browser, mine: list[Exchange], done: trio.CancelScope) -> None:
+        got, scanned = bytearray(), 0
+        try:
+            async for data in server:
+                got += data
+                cut = self._cut_point(got)
+                if cut is not None:
+                    data = data[: len(data) - (len(got) - cut)]
+                    del got[cut:]
+                for m in STATUS_LINE.finditer(got, scanned):
+                    scanned = m.end()
+                    next(x for x in mine if x.status is None).status = int(m[1])
+                await browser.send_all(data)
+                if cut is not None:
+                    break  # the cut: both sockets close now, mid-event
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    def _cut_point(self, got: bytearray) -> int | None:
+        if self.cut_at is None or self.cuts or (i := got.find(self.cut_at)) == -1:
+            return None
+        self.cuts += 1
+        return i + len(self.cut_at)
+
+
+async def test_a_resumable_stream_survives_a_cut(server, nursery):
+    # The relay cuts the stream inside event 7.  An ordinary stream has no
+    # ids, so the first turn passes whole: the text to compare with.
+    relay = await Relay(server.url, cut_in=7).start(nursery)
+
+    def drive(demo: Demo) -> dict:
+        demo.knobs(tokens=60, itl=20)
+        uncut = {"status": demo.turn(), "output": demo.text("#output")}
+        demo.page.check("#resumable")
+        cut = {"status": demo.turn(), "output": demo.text("#output"), "usage": demo.text("#usage")}
+        expect(demo.page.locator("#resumed")).to_be_visible()
+        cut |= {"resumed": demo.text("#resumed"), "timeline": demo.timeline(), "id": demo.generation_id()}
+        return {"uncut": uncut, "cut": cut}
+
+    seen = await run_page(relay, drive)
+    uncut, cut = seen["uncut"], seen["cut"]
+    assert uncut["status"].startswith("done: 60 tokens")
+    assert cut["status"].startswith("done: 60 tokens") and cut["status"].endswith("finish_reason stop")
+    assert cut["output"] == uncut["output"]  # no token lost, none twice
+    assert '"completion_tokens":60' in cut["usage"]
+    assert cut["resumed"] == "resumed after event 6"
+    # The page sent the id of the last whole event; the server took it.
+    assert relay.requests_to("/v1/chat/completions") == [(None, 200), (None, 200)]
+    assert relay.requests_to(f"/{cut['id']}/events") == [("6", 200)]
+    trace = await server.trace(cut["id"])
+    assert [e["detail"] for e in trace["events"] if e["name"] == "attached"] == ["0", "6"]
+    assert cut["timeline"] == drawn_as_traced(trace)
+
+
+async def test_stop_cancels_a_resumable_stream(server):
+    # Hanging up is what a cut looks like: the server would keep generating
+    # for --resume-grace (30 s) for a resume.  Stop says POST .../cancel.
+    def drive(demo: Demo) -> dict:
+        demo.page.check("#resumable")
+        demo.knobs(tokens=2000, itl=20)
+        demo.page.click("#send")
+        demo.page.wait_for_function("Number(document.getElementById('stat-tokens').textContent) > 5")
+        demo.page.click("#stop")
+        return {"status": demo.wait_for_trace(), "timeline": demo.timeline(), "id": demo.generation_id()}
+
+    seen = await run_page(server, drive)
+    assert seen["status"] == "stopped by you"
+    name, detail, tokens = seen["timeline"][-1]
+    assert (name, detail) == ("cancelled", "client_cancel") and 5 < tokens < 2000
+    assert seen["timeline"] == drawn_as_traced(await server.trace(seen["id"]))
+    assert not server.engine.active

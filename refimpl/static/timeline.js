@@ -28,6 +28,9 @@ const AXIS_Y = 170;
 const HEIGHT = 200;
 const LABEL_ROWS = 3; // generation labels stack in up to three rows above their lane
 const CHAR_WIDTH = 6.2; // rough width of one 11px character, to keep labels apart
+// A resumable stream's readers coming and going (lesson 11): marks with a
+// tooltip but no label, or a reconnecting page would bury the lane in text.
+const UNLABELLED = new Set(["attached", "detached"]);
 
 function el(name, attrs = {}, text = null) {
   const node = document.createElementNS(NS, name);
@@ -131,7 +134,7 @@ export function drawTimeline(svg, trace) {
     } else {
       g.append(el("circle", { class: "mark", cx, cy: LANE_Y[lane], r: 5 }));
     }
-    if (lane === "generation") {
+    if (lane === "generation" && !UNLABELLED.has(e.name)) {
       const label = `${describe(e)} · ${tokens}`;
       const width = label.length * CHAR_WIDTH;
       const anchorEnd = cx + width > WIDTH - 4; // near the right edge: grow leftwards
