@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test notebooks bench lock clean exercise check-laptop proto
+.PHONY: run test notebooks bench lock clean exercise check-laptop proto cluster
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("refimpl needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -33,6 +33,15 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# Resumable streams across processes (issue 13, lesson 11): Redis on 6390, two
+# `refimpl serve --store redis://127.0.0.1:6390/0` workers on free ports, and
+# nginx round-robin in front on 8080 (HTTP/1.1) and 8081 (h2c).  It prints
+# every URL and pid: `kill -9` one worker and resume on the other.  Ctrl-C
+# stops all of it.  `ARGS=...` goes to the command (`--workers 3`, or any
+# `refimpl serve` flag such as `--resume-grace 30`).
+cluster: $(STAMP)
+	$(BIN)/python -m refimpl.examples.cluster --port 8080 --h2c-port 8081 --redis-port 6390 --workers 2 $(ARGS)
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest tests/test_notebooks.py

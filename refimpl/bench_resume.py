@@ -39,9 +39,11 @@ its CPU time and memory are its own (``benchload.cpu_seconds``,
    ``Last-Event-ID`` half-way into a generation of phase 1, on a warm
    connection, until the first replayed event arrives: on the process that
    made it (*M*; *A*) and on another one (*B*: a new mirror each time, an
-   ``EXISTS`` and an ``XREAD`` before the first byte).
+   ``EXISTS`` and an ``XREAD`` before the first byte); for scale, a ``GET
+   /v1/models`` before each round, the simplest request there is.
 
-The report (the table, ``--write-lesson``) is ``bench_resume_report.py``.
+The servers and the client are ``bench_resume_client.py``; the report (the
+table, ``--write-lesson``), ``bench_resume_report.py``.
 """
 
 from __future__ import annotations
@@ -49,14 +51,10 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,20 +64,18 @@ import httpx
 import trio
 
 from .bench_report import environment, ms, percentile, write_results
+from .bench_resume_client import CHAT, Stream, chat, posts, read, refimpl_servers, resume
 from .bench_resume_report import COLUMNS, markdown_table, write_lesson
-from .benchload import HOST, cpu_seconds, memory_kib
-from .config import DEFAULT_MODEL
-from .examples.cluster import STOP_WAIT, Worker
+from .benchload import cpu_seconds, memory_kib
+from .examples.cluster import Worker
 from .examples.redis_server import RedisServer
-from .sse import SSEParser
 
-CHAT = "/v1/chat/completions"
 AT_ONCE = 16  # kept generations in flight at a time
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    streams: int = 16
+    streams: int = 8
     tokens: int = 200
     itl_ms: float = 20.0
     kept: int = 200
@@ -129,108 +125,6 @@ def settings(args: argparse.Namespace) -> Settings:
 def command_line(s: Settings) -> str:
     knobs = (f"--{f.name.replace('_', '-')} {getattr(s, f.name):g}" for f in fields(Settings))
     return "refimpl bench resume " + " ".join(knobs)
-
-
-# -- the processes --------------------------------------------------------------------------------
-@asynccontextmanager
-async def refimpl_servers(*stores: str | None) -> AsyncIterator[list[Worker]]:
-    """A ``refimpl serve`` per store (None: the memory store), started at once, always stopped."""
-    started: list[Worker] = []
-    with tempfile.TemporaryDirectory(prefix="refimpl-bench-resume-") as logs:
-        try:
-            for i, store in enumerate(stores):
-                serve = [sys.executable, "-m", "refimpl", "serve", "--quiet", "--host", HOST, "--port", "0"]
-                started.append(Worker(serve + (["--store", store] if store else []), Path(logs) / f"{i}.log"))
-            for worker in started:
-                await trio.to_thread.run_sync(worker.wait_ready)
-            yield started
-        finally:
-            with trio.CancelScope(shield=True):
-                for worker in started:
-                    worker.proc.terminate()
-                for worker in started:
-                    with trio.move_on_after(STOP_WAIT):
-                        await trio.to_thread.run_sync(worker.proc.wait)
-                    await trio.to_thread.run_sync(worker.kill)
-
-
-# -- the client -----------------------------------------------------------------------------------
-@dataclass
-class Stream:
-    """One response as this process saw it; times are ``perf_counter()``."""
-
-    sent: float = 0.0  # just before the request
-    head: float = 0.0  # when its response head arrived
-    gen_id: str = ""
-    arrived: dict[int, float] = field(default_factory=dict)  # event id (or number) -> when
-    tokens: list[float] = field(default_factory=list)  # each content token's arrival
-    wire: int = 0  # body bytes
-    done: bool = False  # [DONE] came
-    second: trio.Event = field(default_factory=trio.Event)  # set at its second event
-
-
-async def read(client: httpx.AsyncClient, stream: Stream, method: str, url: str, **request: Any) -> Stream:
-    """Send the request, read the whole event stream, stamp each event when its read returned."""
-    parser = SSEParser()
-    stream.sent = time.perf_counter()
-    async with client.stream(method, url, **request) as resp:
-        stream.head = time.perf_counter()
-        if resp.status_code != 200:
-            raise RuntimeError(f"{method} {url}: HTTP {resp.status_code} {(await resp.aread())[:300]!r}")
-        stream.gen_id = resp.headers["X-Request-Id"]
-        async for raw in resp.aiter_raw():
-            now = time.perf_counter()
-            stream.wire += len(raw)
-            for event in parser.feed(raw):
-                if event.type == "error":
-                    raise RuntimeError(f"{method} {url}: {event.data}")
-                seq = int(event.last_event_id or len(stream.arrived) + 1)  # no id: not resumable
-                stream.arrived[seq] = now
-                if len(stream.arrived) == 2:
-                    stream.second.set()
-                if event.data == "[DONE]":
-                    stream.done = True
-                elif (choices := json.loads(event.data)["choices"]) and choices[0]["delta"].get("content"):
-                    stream.tokens.append(now)
-    if not stream.done:
-        raise RuntimeError(f"{method} {url}: the stream ended without [DONE]")
-    return stream
-
-
-def chat(tokens: int, itl_ms: float, resumable: bool) -> dict[str, Any]:
-    body = {
-        "model": DEFAULT_MODEL,
-        "messages": [{"role": "user", "content": "bench resume"}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "simulate": {"tokens": tokens, "ttft_ms": 0, "itl_ms": itl_ms},
-    }
-    return body | ({"resumable": True} if resumable else {})
-
-
-async def posts(
-    client: httpx.AsyncClient, worker: Worker, n: int, body: dict[str, Any], at_once: int | None = None
-) -> list[Stream]:
-    """``n`` POSTs of ``body``, ``at_once`` at a time (None: all at once), each read to the end."""
-    streams, limit = [Stream() for _ in range(n)], trio.CapacityLimiter(at_once or n)
-
-    async def one(stream: Stream) -> None:
-        async with limit:
-            await read(client, stream, "POST", worker.url + CHAT, json=body)
-
-    async with trio.open_nursery() as nursery:
-        for stream in streams:
-            nursery.start_soon(one, stream)
-    return streams
-
-
-async def resume(client: httpx.AsyncClient, worker: Worker, gen_id: str, after: int) -> float:
-    """Seconds from a resume's request to its first replayed event."""
-    url, headers = f"{worker.url}{CHAT}/{gen_id}/events", {"Last-Event-ID": str(after)}
-    stream = await read(client, Stream(), "GET", url, headers=headers)
-    if min(stream.arrived) != after + 1:
-        raise RuntimeError(f"GET {url} after {after} began at event {min(stream.arrived)}")
-    return min(stream.arrived.values()) - stream.sent
 
 
 # -- the phases (the module header) -------------------------------------------------------------
@@ -307,12 +201,12 @@ async def mirrored(client: httpx.AsyncClient, a: Worker, b: Worker, s: Settings)
         await on_a.second.wait()  # the first event is in Redis by now
         await read(client, on_b, "GET", f"{b.url}{CHAT}/{on_a.gen_id}/events")
 
-    cpu = cpu_seconds(b.pid)
+    cpu, mine, wall = cpu_seconds(b.pid), time.process_time(), time.perf_counter()
     async with trio.open_nursery() as nursery:
         for on_a, on_b in pairs:
             nursery.start_soon(functools.partial(read, client, on_a, "POST", a.url + CHAT, json=body))
             nursery.start_soon(on_b_too, on_a, on_b)
-    cpu = cpu_seconds(b.pid) - cpu
+    cpu, mine = cpu_seconds(b.pid) - cpu, (time.process_time() - mine) / (time.perf_counter() - wall)
     later = []
     for on_a, on_b in pairs:
         if on_a.arrived.keys() != on_b.arrived.keys():
@@ -324,18 +218,23 @@ async def mirrored(client: httpx.AsyncClient, a: Worker, b: Worker, s: Settings)
         "through_redis_ms_max": ms(max(later, default=None)),
         "through_redis_events": len(later),
         "mirror_cpu_us_per_token": per_token_us(cpu, s.streams * s.tokens),
+        "bench_cpu_share": round(mine, 2),  # of a core: the two readers of every stream, here
     }
 
 
 async def resumes(client: httpx.AsyncClient, m: Worker, a: Worker, b: Worker, ids: dict, s: Settings) -> dict:
     """Phase 4: resume latency, the three kinds taking turns (so that drift hits all alike)."""
-    after, times = s.kept_tokens // 2, {"m": [], "a": [], "b": []}
+    after, times = s.kept_tokens // 2, {"m": [], "a": [], "b": [], "models": []}
     for i in range(s.resumes):
+        sent = time.perf_counter()  # for scale: the simplest request there is
+        (await client.get(m.url + "/v1/models")).raise_for_status()
+        times["models"].append(time.perf_counter() - sent)
         times["m"].append(await resume(client, m, ids["memory"][i], after))
         times["a"].append(await resume(client, a, ids["redis"][i], after))
         times["b"].append(await resume(client, b, ids["redis"][i], after))  # a new mirror each time
     p = {k: (ms(percentile(v, 50)), ms(percentile(v, 99))) for k, v in times.items()}
     return {
+        "not resumable": {"models_ms_p50": p["models"][0], "models_ms_p99": p["models"][1]},
         "resumable, memory store": {"resume_same_ms_p50": p["m"][0], "resume_same_ms_p99": p["m"][1]},
         "resumable, Redis store": {
             "resume_same_ms_p50": p["a"][0],
@@ -355,11 +254,12 @@ async def warm_up(client: httpx.AsyncClient, m: Worker, a: Worker, b: Worker, s:
     await resume(client, b, first[0].gen_id, 1)
 
 
-def note(what: str) -> None:
-    print(f"resume: {what}", file=sys.stderr, flush=True)
-
-
 async def measure(s: Settings) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    def note(what: str) -> None:
+        print(f"resume: {time.perf_counter() - started:3.0f} s  {what}", file=sys.stderr, flush=True)
+
     load_before, columns = os.getloadavg()[0], {c: {} for c in COLUMNS}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with (

@@ -47,6 +47,7 @@ ROWS = (
         "resume → first replayed event, another process, ms: p50 / p99",
         "resume_other_ms_p50 resume_other_ms_p99",
     ),
+    ("for scale: GET /v1/models, ms: p50 / p99", "models_ms_p50 models_ms_p99"),
     ("worker RSS per kept generation, KiB", "rss_kib_per_kept"),
     ("Redis used_memory per kept generation, KiB", "redis_kib_per_kept"),
     ("bytes per event: on the wire / in Redis", "wire_bytes_per_event redis_bytes_per_event"),
@@ -65,6 +66,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{cfg['streams']} paced streams × {cfg['tokens']} tokens at itl {cfg['itl_ms']:g} ms;"
         f" {cfg['kept']} kept generations × {cfg['kept_tokens']} tokens; {cfg['resumes']} resumes of"
         f" each kind, from event {cfg['kept_tokens'] // 2}. Every server a process of its own, on loopback;"
+        f" the bench's readers used {figures[COLUMNS[2]]['bench_cpu_share']:.2f} of a core while it mirrored;"
         f" redis-server {machine['versions']['redis-server']}; {machine['cpus']} CPUs, load average"
         f" {' → '.join(f'{x:.1f}' for x in machine['loadavg_1min'])}; {result['date']}.",
     ]
