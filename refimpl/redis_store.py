@@ -27,11 +27,10 @@ any process can serve any resume:
     a subscriber reconnects is lost).
 
 A process that gets a resume for a generation running elsewhere keeps a
-*mirror*: a :class:`~refimpl.patterns.resume.ReplayLog` filled by one task
-that reads the stream (XRANGE, then ``XREAD BLOCK`` one tick at a time); its
-readers follow the mirror exactly as they follow a local log.  One blocked
-read per generation, not per reader, and XREAD from the last id seen is
-safe to repeat.
+*mirror*: a :class:`~refimpl.patterns.resume.ReplayLog` copied from the
+stream, which its readers follow exactly as they follow a local log
+(``redis_mirrors.py``: one task and one blocked XREAD for all of them).
+Writes go the other way through one writer task (:meth:`RedisStore.appended`).
 
 Why coredis (6.9): it is built on anyio, so it runs under trio as is: trio
 sockets, trio cancellation, no thread or asyncio bridge.  Measured before we
@@ -59,7 +58,8 @@ from coredis.retry import NoRetryPolicy
 
 from .config import Config
 from .patterns.errors import APIError
-from .patterns.resume import REPLAY_BATCH, Entry, ReplayLog, Store
+from .patterns.resume import Entry, ReplayLog, Store
+from .redis_mirrors import Mirrors, as_text
 
 log = logging.getLogger("refimpl")
 
@@ -90,6 +90,7 @@ class RedisStore(Store):
         self._queued = 0
         self._more, self._drained = trio.Event(), trio.Event()
         self._failed: dict[str, Store.Unavailable] = {}
+        self.mirrors = Mirrors(self)
 
     # region: redis-open
     @asynccontextmanager
@@ -110,6 +111,7 @@ class RedisStore(Store):
                 self._nursery = nursery
                 nursery.start_soon(self._listen_for_cancels)
                 nursery.start_soon(self._write)
+                nursery.start_soon(self.mirrors.run)
                 yield self
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # coredis's task groups wrap what the server raised
@@ -217,34 +219,10 @@ class RedisStore(Store):
             raise APIError(
                 503, self.unavailable(err).message, code="store_unavailable", retry_after=1.0
             ) from None
-        mirror = ReplayLog(gen_id)
+        mirror = ReplayLog(gen_id)  # a copy, filled by redis_mirrors.py
         self.registry.add(mirror)
-        self._nursery.start_soon(self._mirror, mirror)
+        self.mirrors.add(mirror)
         return mirror
-
-    async def _mirror(self, mirror: ReplayLog) -> None:
-        """Copy a generation running elsewhere into ``mirror``, to its end."""
-        events, last = key(mirror.gen_id, "events"), b"0-0"
-        renew_at = trio.current_time()
-        try:
-            while not mirror.ended:
-                if mirror.readers and trio.current_time() >= renew_at:  # "someone reads it here"
-                    renew_at = trio.current_time() + self.period
-                    await self.redis.set(key(mirror.gen_id, "reader"), self.worker, px=self.lease_ms)
-                reply = await self.blocking.xread(
-                    {events: last}, count=REPLAY_BATCH, block=round(1000 * self.period)
-                )
-                if reply:
-                    found = next(iter(reply.values()))
-                    last = found[-1].identifier
-                    mirror.extend([_entry(e.identifier, e.field_values) for e in found])
-                # No lease: either it just ended (read once more) or its process died.
-                elif not await self.redis.exists(
-                    [key(mirror.gen_id, "owner")]
-                ) and not await self.redis.xrange(events, b"(" + _bytes(last), "+", count=1):
-                    mirror.fail(_lost(mirror.gen_id))
-        except FAILURES as err:
-            mirror.fail(self.unavailable(err))
 
     # endregion: redis-find
 
@@ -270,7 +248,7 @@ class RedisStore(Store):
                 async with self.redis.pubsub(channels=[CHANNEL], ignore_subscribe_messages=True) as messages:
                     said = False
                     async for message in messages:
-                        found = self.registry.get(_text(message["data"]))
+                        found = self.registry.get(as_text(message["data"]))
                         if found is not None and found.gen is not None:
                             found.gen.cancel("client_cancel")
             except FAILURES as err:  # Redis is down: the cancel key covers the gap
@@ -282,24 +260,3 @@ class RedisStore(Store):
                 await trio.sleep(self.period)
 
     # endregion: redis-cancel
-
-
-def _bytes(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _entry(identifier: str | bytes, fields: dict) -> Entry:
-    seq = int(_bytes(identifier).split(b"-")[0])
-    get = {_text(k): v for k, v in fields.items()}.get
-    return Entry(seq, _bytes(get("w")), _bytes(get("l")) == b"1")
-
-
-def _lost(gen_id: str) -> Store.Unavailable:
-    return Store.Unavailable(
-        "generation_lost",
-        f"The process that ran generation {gen_id} stopped before it ended; nobody can finish it.",
-    )
