@@ -27,12 +27,12 @@ run: $(STAMP)
 	$(BIN)/refimpl serve
 
 # Two pytest workers, each taking whole files (module fixtures such as the
-# server on port 8000 in test_commands.py start once): the notebooks, which
-# mostly wait on real streams, run beside the rest.  About 3.5 min here.
+# server on port 8000 in test_commands.py start once), except the notebooks,
+# which go one by one (tests/conftest.py groups them for --dist loadgroup).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # Resumable streams across processes (issue 13, lesson 11): Redis on 6390, two
 # `refimpl serve --store redis://127.0.0.1:6390/0` workers on free ports, and

@@ -28,11 +28,11 @@ its CPU time and memory are its own (``benchload.cpu_seconds``,
    token (and redis-server's), the first token's delay and the ITL.
 3. **mirror**: the paced load on *A* again, each stream also read on *B*
    (``GET .../events``) from its second event on; by then its first is in
-   Redis, since the producer writes an event only after the XADD of the one
-   before.  Both readers live in this process and stamp each event on one
-   clock (``perf_counter``), so an event's arrival on *B* minus its arrival
-   on *A* is what the trip through Redis added: the XADD, the blocked XREAD
-   waking, *B*'s writer.  Only events that reached *A* after *B*'s response
+   Redis, since the producer writes the first event at once (the others go
+   in the writer's batches).  Both readers live in this process and stamp
+   each event on one clock (``perf_counter``), so an event's arrival on *B*
+   minus its arrival on *A* is what the trip through Redis added: the
+   writer's wait and pipeline, the mirror's XREAD and its wait, *B*'s writer.  Only events that reached *A* after *B*'s response
    head count; the earlier ones reach *B* as a replay.  And *B*'s CPU per
    token: the cost of a mirror.
 4. **resume**: ``--resumes`` times each, ``GET .../events`` with
