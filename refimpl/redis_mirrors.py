@@ -104,9 +104,14 @@ class Mirrors:
             mirror = self.following.get(as_text(stream).split(":")[1])
             if mirror is None or not found:
                 continue
+            entries = [_entry(e.identifier, e.field_values) for e in found]
+            if entries[0].seq != mirror.log.seq + 1:  # a hole: the stream is not the one we copied
+                del self.following[mirror.log.gen_id]
+                mirror.log.fail(_gone())
+                continue
             mirror.last = _bytes(found[-1].identifier)
             mirror.gained_at = trio.current_time()
-            mirror.log.extend([_entry(e.identifier, e.field_values) for e in found])
+            mirror.log.extend(entries)
             full |= len(found) == REPLAY_BATCH
             if mirror.log.ended:
                 del self.following[mirror.log.gen_id]
@@ -127,12 +132,16 @@ class Mirrors:
             for m in read:  # "someone reads it here": the producer's grace waits
                 pipe.set(key(m.log.gen_id, "reader"), store.worker, px=store.lease_ms)
             owners = [pipe.exists([key(m.log.gen_id, "owner")]) for m in quiet]
+            streams = [pipe.exists([key(m.log.gen_id, "events")]) for m in quiet]
             after = [pipe.xrange(key(m.log.gen_id, "events"), b"(" + m.last, "+", count=1) for m in quiet]
-        for m, owner, more in zip(quiet, owners, after, strict=True):
-            # No lease and nothing after what we copied: its process died.
-            if not await owner and not await more and m.log.gen_id in self.following:
-                del self.following[m.log.gen_id]
+        for m, owner, stream, more in zip(quiet, owners, streams, after, strict=True):
+            if await owner or await more or m.log.gen_id not in self.following:
+                continue
+            del self.following[m.log.gen_id]
+            if await stream:  # no lease, nothing after what we copied: its process died
                 m.log.fail(_lost(m.log.gen_id))
+            else:  # the stream itself is gone: Redis restarted empty (or was flushed)
+                m.log.fail(_gone())
 
     # endregion: mirror-books
 
@@ -160,4 +169,10 @@ def _lost(gen_id: str) -> Store.Unavailable:
     return Store.Unavailable(
         "generation_lost",
         f"The process that ran generation {gen_id} stopped before it ended; nobody can finish it.",
+    )
+
+
+def _gone() -> Store.Unavailable:
+    return Store.Unavailable(
+        "store_unavailable", "The resume store (Redis) lost this stream's log; it cannot go on."
     )

@@ -59,7 +59,7 @@ from coredis.retry import NoRetryPolicy
 from .config import Config
 from .patterns.errors import APIError
 from .patterns.resume import Entry, ReplayLog, Store
-from .redis_mirrors import Mirrors, as_text
+from .redis_mirrors import Mirrors, _gone, as_text
 
 log = logging.getLogger("refimpl")
 
@@ -121,6 +121,10 @@ class RedisStore(Store):
 
     # endregion: redis-open
 
+    def lost_log(self, gen_id: str) -> Store.Unavailable:
+        log.warning("resume store %s: the stream of %s is gone (did Redis restart?)", self.url, gen_id)
+        return _gone()
+
     def unavailable(self, err: BaseException) -> Store.Unavailable:
         log.warning("resume store %s: %s: %s", self.url, type(err).__name__, err)
         return Store.Unavailable(
@@ -145,7 +149,9 @@ class RedisStore(Store):
         if entries[0].seq == 1:  # the first write goes at once: from now on
             try:  # any process can find the generation
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    self._add(pipe, log.gen_id, entries)
+                    replies = self._add(pipe, log.gen_id, entries)
+                if None in [await reply for reply in replies]:
+                    raise self.lost_log(log.gen_id)
             except FAILURES as err:
                 raise self.unavailable(err) from None
             return
@@ -164,31 +170,44 @@ class RedisStore(Store):
             batch, self._queue, self._queued = self._queue, [], 0
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for gen_id, entries in batch:
-                        self._add(pipe, gen_id, entries)
+                    added = [(gen_id, entries, self._add(pipe, gen_id, entries)) for gen_id, entries in batch]
+                for gen_id, entries, replies in added:
+                    if None in [await reply for reply in replies] and not entries[-1].last:
+                        self._failed[gen_id] = self.lost_log(gen_id)
             except FAILURES as err:  # each producer hears it at its next append
                 failure = self.unavailable(err)
                 self._failed.update((gen_id, failure) for gen_id, entries in batch if not entries[-1].last)
             self._drained.set()
             self._drained = trio.Event()
 
-    def _add(self, pipe: Any, gen_id: str, entries: list[Entry]) -> None:
+    def _add(self, pipe: Any, gen_id: str, entries: list[Entry]) -> list[Any]:
+        """Queue the commands for ``entries`` on ``pipe``; the XADDs' replies.
+
+        Only the first event may create the stream (NOMKSTREAM on the
+        others): a Redis that restarted empty mid-stream then answers the
+        next XADD with nil instead of starting a stream with a hole in it,
+        and the producer ends with ``store_unavailable``.  (coredis
+        reconnects by itself, so a quick restart fails no command at all.)"""
         events, owner = key(gen_id, "events"), key(gen_id, "owner")
-        for e in entries:
+        replies = [
             pipe.xadd(
                 events,
                 {"w": e.wire, "l": b"1" if e.last else b"0"},
                 identifier=f"{e.seq}-0",
+                nomkstream=e.seq > 1 or None,
                 trim_strategy=coredis.PureToken.MAXLEN,
                 threshold=self.max_events,
                 trim_operator=coredis.PureToken.APPROXIMATELY,
             )
+            for e in entries
+        ]
         if entries[0].seq == 1:  # the first write: the lease starts
             pipe.set(owner, self.worker, px=self.lease_ms)
             pipe.pexpire(events, self.window_ms + self.lease_ms)
         if entries[-1].last:  # the end: kept for the window, then gone
             pipe.pexpire(events, self.window_ms)
             pipe.delete([owner])
+        return replies
 
     async def tick(self, log: ReplayLog) -> bool:
         """Renew the lease; cancel if asked through the key; True if a
@@ -219,6 +238,9 @@ class RedisStore(Store):
             raise APIError(
                 503, self.unavailable(err).message, code="store_unavailable", retry_after=1.0
             ) from None
+        found = self.registry.get(gen_id)  # made by a request that asked meanwhile
+        if found is not None and (found.gen is not None or found.failure is None):
+            return found
         mirror = ReplayLog(gen_id)  # a copy, filled by redis_mirrors.py
         self.registry.add(mirror)
         self.mirrors.add(mirror)
