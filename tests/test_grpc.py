@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -192,6 +193,25 @@ async def test_client_cancel_stops_the_model_at_once(server):
     assert (last["name"], last["detail"]) == ("cancelled", "client_cancel")
     assert trace["completion_tokens"] <= 2
     assert not server.engine.active
+
+
+async def test_a_cancel_from_another_connection_ends_the_call_cancelled(server):
+    """POST /v1/chat/completions/{id}/cancel (lesson 11) reaches a gRPC call too."""
+
+    def call() -> tuple[str, grpc.RpcError]:
+        with grpc.insecure_channel(target(server)) as channel:
+            stream = stub_for(channel).StreamChat(request(simulate=SLOW), timeout=30)
+            first = next(stream)
+            answer = httpx.post(f"{server.url}/v1/chat/completions/{first.id}/cancel")
+            assert answer.json()["status"] == "cancelled"
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream)
+            return first.id, err.value
+
+    gen_id, err = await trio.to_thread.run_sync(call)
+    assert status_of(err)[:2] == (grpc.StatusCode.CANCELLED, "client_cancel")
+    last = (await ended(server, gen_id))["events"][-1]
+    assert (last["name"], last["detail"]) == ("cancelled", "client_cancel")
 
 
 async def test_cancel_before_the_first_token(server):

@@ -213,7 +213,7 @@ _GRPC_CODE = {
     408: "DEADLINE_EXCEEDED",
     413: "RESOURCE_EXHAUSTED",
     429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
+    499: "CANCELED",  # connectrpc spells it the Connect way; grpcio: CANCELLED
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
