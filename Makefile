@@ -28,11 +28,11 @@ run: $(STAMP)
 
 # Two pytest workers, each taking whole files (module fixtures such as the
 # server on port 8000 in test_commands.py start once), except the notebooks,
-# which go one by one (tests/conftest.py groups them for --dist loadgroup).
+# which go one by one (a test class each in tests/test_notebooks.py).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # Resumable streams across processes (issue 13, lesson 11): Redis on 6390, two
 # `refimpl serve --store redis://127.0.0.1:6390/0` workers on free ports, and

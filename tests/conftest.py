@@ -76,14 +76,3 @@ def pytest_sessionfinish(session, exitstatus):
         reporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips count as failures here", red=True)
         session.exitstatus = 1
 
-
-def pytest_collection_modifyitems(config, items):
-    """``make test``'s workers (pytest-xdist ``--dist loadgroup``) take each
-    file whole, as ``--dist loadfile`` would, so module fixtures start once
-    (``test_commands.py``'s server on port 8000 must); the notebooks alone
-    go one by one, or their file, the longest, would run on one worker."""
-    for item in items:
-        group = item.path.name
-        if group == "test_notebooks.py" and hasattr(item, "callspec"):
-            group += "::" + item.callspec.id
-        item.add_marker(pytest.mark.xdist_group(group))

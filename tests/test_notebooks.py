@@ -41,8 +41,7 @@ def test_notebook_is_stripped(path: Path) -> None:
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_notebook_runs(path: Path) -> None:
+def run_notebook(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
@@ -59,6 +58,17 @@ def test_notebook_runs(path: Path) -> None:
         or (out.get("name") == "stderr" and "Traceback" in out.get("text", ""))
     ]
     assert not errors, errors
+
+
+# One test class per notebook, ``TestNotebook_05_grpc::test_runs``: make
+# test's workers (pytest-xdist ``--dist loadscope``) take every other file
+# whole, so module fixtures start once, but each class on its own, so the
+# notebooks, together the longest file, spread over the workers.  (pytest 9
+# ignores the node ids that ``--dist loadgroup`` rewrites: with xdist 3.8 it
+# sent a group's tests to every worker.)
+for _path in NOTEBOOKS:
+    _name = "TestNotebook_" + "".join(c if c.isalnum() else "_" for c in _path.stem)
+    globals()[_name] = type(_name, (), {"test_runs": lambda self, path=_path: run_notebook(path)})
 
 
 def test_kernel_is_this_interpreter() -> None:
