@@ -75,4 +75,3 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") and skipped and exitstatus == 0:
         reporter.write_line(f"CI: {len(skipped)} test(s) skipped; skips count as failures here", red=True)
         session.exitstatus = 1
-
