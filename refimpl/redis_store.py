@@ -228,9 +228,8 @@ class RedisStore(Store):
 
     # region: redis-find
     async def find(self, gen_id: str) -> ReplayLog | None:
-        found = self.registry.get(gen_id)
-        if found is not None and (found.gen is not None or found.failure is None):
-            return found  # ours, or a mirror still good (a failed one: look again)
+        if (found := self._kept(gen_id)) is not None:
+            return found
         try:
             if not await self.redis.exists([key(gen_id, "events")]):
                 return None
@@ -238,13 +237,18 @@ class RedisStore(Store):
             raise APIError(
                 503, self.unavailable(err).message, code="store_unavailable", retry_after=1.0
             ) from None
-        found = self.registry.get(gen_id)  # made by a request that asked meanwhile
-        if found is not None and (found.gen is not None or found.failure is None):
+        if (found := self._kept(gen_id)) is not None:  # made by a request that asked meanwhile
             return found
         mirror = ReplayLog(gen_id)  # a copy, filled by redis_mirrors.py
         self.registry.add(mirror)
         self.mirrors.add(mirror)
         return mirror
+
+    def _kept(self, gen_id: str) -> ReplayLog | None:
+        """The log kept here: ours, or a mirror still good (a failed one:
+        look again, Redis may be back)."""
+        found = self.registry.get(gen_id)
+        return found if found is not None and (found.gen is not None or found.failure is None) else None
 
     # endregion: redis-find
 
