@@ -59,7 +59,6 @@ from . import resume_routes
 from .chat_request import parse_chat_request
 from .http_json import json_response, read_json_body
 
-DONE = encode("[DONE]")
 SYSTEM_FINGERPRINT = "fp_refimpl"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
 
