@@ -80,7 +80,6 @@ class RedisStore(Store):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.url = config.store
-        self.period = min(1.0, config.resume_grace / 4)  # the producer's tick, too
         self.lease_ms = round(3000 * self.period)
         self.window_ms = round(1000 * config.resume_window)
         self.max_events = config.resume_max_events

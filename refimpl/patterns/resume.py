@@ -185,7 +185,7 @@ async def follow(log: ReplayLog, after: int, silence: float, first: bytes = b"")
 async def produce(gen: Generation, log: ReplayLog, framer: ChunkFramer, store: Store, config: Config) -> None:
     """The generation's one writer: from the model into the log, to the end,
     whoever reads.  Runs in the app's nursery."""
-    tick = min(1.0, config.resume_grace / 4)  # how often to look for readers
+    tick = store.period
     # The ending takes 2 events (the final chunk, [DONE]), 3 with usage.
     room = config.resume_max_events - (3 if framer.include_usage else 2)
     next_look = trio.current_time() + tick
@@ -299,6 +299,9 @@ class Store:
 
     def __init__(self, config: Config) -> None:
         self.registry = Registry(config.resume_max_generations, config.resume_window)
+        # How often a producer looks for readers (the grace) and, with
+        # Redis, renews its lease and a mirror does its bookkeeping.
+        self.period = min(1.0, config.resume_grace / 4)
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Store]:
