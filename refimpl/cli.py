@@ -184,8 +184,96 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="where resumable streams are logged: redis://HOST:PORT/DB (shared by every"
         " process behind a proxy); default: this process's memory",
     )
+    _production_flags(p, d)
     p.add_argument("--model-name", default=d.model_name, help="the one model name served")
     p.add_argument("--quiet", action="store_true", help="no access log (one line per request)")
+
+
+def _production_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """A real model, keys, limits, timeouts, CORS (lesson 14)."""
+    g = p.add_argument_group("production (lesson 14)")
+    g.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=d.upstream,
+        help="stream from this OpenAI-compatible server (its base URL, e.g. http://127.0.0.1:11434/v1)"
+        " instead of the simulated model",
+    )
+    g.add_argument(
+        "--upstream-key-env",
+        metavar="VAR",
+        default=d.upstream_key_env,
+        help="the environment variable holding the upstream's API key",
+    )
+    g.add_argument(
+        "--upstream-model",
+        metavar="NAME",
+        default=d.upstream_model,
+        help="the upstream model to ask for (default: the first it lists)",
+    )
+    g.add_argument(
+        "--public-path",
+        action="append",
+        metavar="PATH",
+        default=None,
+        help=f"a path answered without a key when REFIMPL_API_KEY is set (repeatable; default: {' '.join(d.public_paths)})",
+    )
+    g.add_argument(
+        "--max-messages",
+        metavar="N",
+        type=int,
+        default=d.max_messages,
+        help="most messages in one request (400 above)",
+    )
+    g.add_argument(
+        "--max-prompt-chars",
+        metavar="N",
+        type=int,
+        default=d.max_prompt_chars,
+        help="most characters of prompt in one request (400 above)",
+    )
+    g.add_argument(
+        "--max-tokens-limit",
+        metavar="N",
+        type=int,
+        default=d.max_tokens_limit,
+        help="the largest max_tokens a request may ask for (400 above)",
+    )
+    g.add_argument(
+        "--max-streams-per-client",
+        metavar="N",
+        type=int,
+        default=d.max_streams_per_client,
+        help="generations one client address may run at once (429 above)",
+    )
+    g.add_argument(
+        "--max-connections-per-client",
+        metavar="N",
+        type=int,
+        default=d.max_connections_per_client,
+        help="connections one client address may hold open",
+    )
+    g.add_argument(
+        "--header-timeout",
+        metavar="S",
+        type=float,
+        default=d.header_timeout,
+        help="seconds a client may take to send its request headers (then 408, closed)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        metavar="S",
+        type=float,
+        default=d.body_timeout,
+        help="seconds a client may take to send its request body (then 408, closed)",
+    )
+    g.add_argument(
+        "--cors-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=None,
+        help="an origin a browser page may call from (repeatable; * for any)",
+    )
 
 
 def _somaxconn() -> str:
@@ -242,7 +330,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
         resume_max_events=args.resume_max_events,
         resume_max_generations=args.resume_max_generations,
         store=args.store,
+        upstream=args.upstream,
+        upstream_key_env=args.upstream_key_env,
+        upstream_model=args.upstream_model,
+        api_keys=api_keys_from_env(),
+        public_paths=tuple(args.public_path) if args.public_path is not None else Config.public_paths,
+        max_messages=args.max_messages,
+        max_prompt_chars=args.max_prompt_chars,
+        max_tokens_limit=args.max_tokens_limit,
+        max_streams_per_client=args.max_streams_per_client,
+        max_connections_per_client=args.max_connections_per_client,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        cors_origins=tuple(args.cors_origin or ()),
     )
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    """``REFIMPL_API_KEY``: one key, or several separated by commas."""
+    raw = os.environ.get("REFIMPL_API_KEY", "")
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
 async def run_server(config: Config, quiet: bool = False, listen_fd: int | None = None) -> None:

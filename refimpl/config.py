@@ -95,3 +95,34 @@ class Config:
     # (redis_store.py), so a client resumes on any of them.
     store: str | None = None
     # endregion: resume-settings
+    # region: production-settings
+    # A real model upstream (upstream.py, lesson 14): the base URL of an
+    # OpenAI-compatible server ("http://127.0.0.1:11434/v1" for Ollama);
+    # None: the simulated model.
+    upstream: str | None = None
+    # The environment variable that holds the upstream's API key (sent as
+    # "Authorization: Bearer ..."); None: no key.
+    upstream_key_env: str | None = None
+    # The model asked of the upstream; None: the first one its /v1/models lists.
+    upstream_model: str | None = None
+    # API keys a client must present on every protocol (REFIMPL_API_KEY, one
+    # key or a comma-separated list); empty: no key needed.
+    api_keys: tuple[str, ...] = ()
+    # Paths answered without a key even when keys are set.
+    public_paths: tuple[str, ...] = ("/", "/metrics")
+    # Limits, each with its own clear error (lesson 14): messages per
+    # request and characters of prompt (400), the largest max_tokens (400),
+    # streams one client address may run at once (429) ...
+    max_messages: int = 1000
+    max_prompt_chars: int = 1_000_000
+    max_tokens_limit: int = 32_768
+    max_streams_per_client: int = 64
+    # ... connections one client address may hold open, and the seconds a
+    # client may take to send its request headers and its body (408, close).
+    max_connections_per_client: int = 256
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # Origins a browser page may call this server from (CORS); empty: none
+    # but the server's own; "*": any.
+    cors_origins: tuple[str, ...] = ()
+    # endregion: production-settings
