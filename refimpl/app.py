@@ -13,7 +13,8 @@ Errors before a stream starts all leave through the handlers below in the
 OpenAI error shape (``patterns/errors.py``): our own :class:`APIError`, the
 framework's HTTP errors (404 unknown path, 405 wrong method, 413 body too
 large), and, as a last resort, any unexpected exception as a 500 with no
-traceback in the body.
+traceback in the body.  Under ``/v1/messages`` the same errors take
+Anthropic's shape instead (:func:`error_response`).
 
 :func:`serve` runs the app on hypercorn's trio worker; the test fixture and
 ``refimpl serve`` both use it, so tests exercise exactly what users run.
@@ -25,26 +26,34 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from importlib import resources
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response, g, request
+from quart import Response, g, has_request_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import access_log, hypercorn_patches
+from . import access_log, auth, cors, hypercorn_limits, hypercorn_patches, limits
 from .config import Config
 from .engine import Engine
-from .metrics import Metrics
+from .metrics import Metrics, count_sent
 from .model import Backend, SimulatedModel
-from .patterns.errors import APIError, error_body
+from .patterns.errors import APIError, request_timeout
 from .patterns.resume import Store
 from .patterns.shutdown import Shutdown
-from .protocols import grpc_chat, http2, resume_routes, sse_chat, websocket_chat
+from .protocols import (
+    anthropic_messages,
+    grpc_chat,
+    http2,
+    openai_responses,
+    resume_routes,
+    sse_chat,
+    websocket_chat,
+)
 from .protocols.http_json import json_response
+from .upstream import UpstreamModel
 
 log = logging.getLogger("refimpl")
 
@@ -54,8 +63,13 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     app = QuartTrio("refimpl")
     app.config["REFIMPL"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    # A body that stops half-way: 408 after --body-timeout (Quart's default
+    # is 60 s).  Over HTTP/1.1 hypercorn_limits.py's clock, started earlier,
+    # answers first and closes; this one is HTTP/2's (one stream, not the
+    # connection).
+    app.config["BODY_TIMEOUT"] = config.body_timeout
     engine = Engine(
-        backend or SimulatedModel(),
+        backend or (UpstreamModel(config) if config.upstream else SimulatedModel()),
         Metrics(),
         max_active=config.max_active,
         max_queue=config.max_queue,
@@ -63,10 +77,16 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         retry_after=config.retry_after,
     )
     app.extensions["refimpl.engine"] = engine
+    # Lesson 14: the limits every generation passes (Engine.start), and the
+    # API key every HTTP request presents (WebSocket and gRPC check theirs).
+    engine.limits = limits.Limits(config, config.retry_after)
+    auth.install(app, config)
     shutdown = Shutdown(engine, config.drain_timeout)
     app.extensions["refimpl.shutdown"] = shutdown
 
     sse_chat.register(app, engine)
+    anthropic_messages.register(app, engine)  # the Anthropic dialect (lesson 14)
+    openai_responses.register(app, engine)  # OpenAI's Responses dialect (lesson 14)
     # Resumable streams (lesson 11): their logs in memory, or in Redis.
     app.extensions["refimpl.resume"] = resume_store = open_store(config)
     engine.metrics.resume_logs.set_function(lambda: len(resume_store.registry.logs))
@@ -74,7 +94,10 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     websocket_chat.register(app, engine, shutdown)
     http2.register(app)  # server push and 103 Early Hints, shown (lesson 06)
     # gRPC is not a Quart route: serve() puts connectrpc in front of the app.
-    app.extensions["refimpl.grpc"] = partial(grpc_chat.asgi, app, engine, config, shutdown)
+    # In front of all: CORS (cors.py) and each request's client address (limits.py).
+    app.extensions["refimpl.grpc"] = lambda: cors.middleware(
+        limits.remember_client(grpc_chat.asgi(app, engine, config, shutdown)), config.cors_origins
+    )
 
     @app.get("/")
     async def index() -> Response:
@@ -91,6 +114,10 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
 
     @app.get("/v1/models")
     async def models() -> Response:
+        if isinstance(engine.backend, UpstreamModel):  # lesson 14: the upstream's own list
+            body = await engine.backend.list_models()
+            config.model_name = engine.backend.served()
+            return json_response(body)
         model = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "refimpl"}
         return json_response({"object": "list", "data": [model]})
 
@@ -110,6 +137,10 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         # The simulated model's shared timer lives in the lifespan nursery.
         if isinstance(engine.backend, SimulatedModel):
             engine.backend.clock.attach(app.nursery)
+        # An upstream's streams read it in tasks of this nursery, and the
+        # names it serves become ours (upstream.py, lesson 14).
+        if isinstance(engine.backend, UpstreamModel):
+            config.model_name = await engine.backend.open(app.nursery)
 
     @app.before_request
     async def note_start() -> None:
@@ -136,10 +167,12 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         # now; this catches a server stopped without a shutdown trigger.
         engine.accepting = False
         engine.cancel_all("shutdown")
+        if isinstance(engine.backend, UpstreamModel):  # its connections, now unused
+            await engine.backend.aclose()
 
     @app.errorhandler(APIError)
     async def api_error(err: APIError) -> Response:
-        return json_response(err.body(), err.status, err.headers())
+        return error_response(err)
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:
@@ -150,17 +183,26 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
             413: f"The request body is larger than {config.max_body_bytes} bytes.",
         }.get(status, err.description or err.name)
         api = APIError(status, message, code=err.name.lower().replace(" ", "_"))
-        return json_response(api.body(), status)
+        if status == 408:  # Quart's BODY_TIMEOUT (werkzeug's RequestTimeout)
+            http1 = request.http_version.startswith("1")  # HTTP/2: one stream ends, not the connection
+            api = request_timeout("body", config.body_timeout, close=http1)
+        return error_response(api)
 
     @app.errorhandler(Exception)
     async def unexpected(err: Exception) -> Response:
         log.exception("unexpected error while handling a request")
-        body = error_body(
-            "The server had an error while processing your request.", "server_error", "internal_error"
-        )
-        return json_response(body, 500)
+        message = "The server had an error while processing your request."
+        return error_response(APIError(500, message, code="internal_error"))
 
     return app
+
+
+def error_response(err: APIError) -> Response:
+    """An error before the stream, in the shape of the dialect its path
+    speaks: Anthropic's under ``/v1/messages``, OpenAI's everywhere else."""
+    if has_request_context() and anthropic_messages.speaks_anthropic(request.path):
+        return anthropic_messages.error_response(err)
+    return json_response(err.body(), err.status, err.headers())
 
 
 def open_store(config: Config) -> Store:
@@ -180,6 +222,7 @@ def hypercorn_config(
     fd: int | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
+    connection_limits: hypercorn_limits.ConnectionLimits | None = None,
 ) -> HypercornConfig:
     """hypercorn's settings for ``host:port`` with a listen ``backlog``; or,
     given ``fd``, for a listening socket this process inherited (hypercorn's
@@ -191,7 +234,13 @@ def hypercorn_config(
     hc.backlog = backlog
     hc.certfile, hc.keyfile = certfile, keyfile
     hc.accesslog = None
-    hc.errorlog = None  # the server must not print into notebook cells
+    # hypercorn's own errors ("Error in ASGI Framework", with a traceback)
+    # go to a child of refimpl's logger: silent where refimpl's is (its
+    # NullHandler: a notebook's cells), on stderr under `refimpl serve`,
+    # seen by the tests (the fault load counts tracebacks); None would
+    # drop them.  Its INFO lines ("Running on ...") stay out.
+    hc.errorlog = logging.getLogger("refimpl.hypercorn")
+    hc.errorlog.setLevel(logging.WARNING)
     # HTTP/2 limits that hypercorn's defaults set for web pages, not for
     # streams (lesson 06): 100 streams per connection would queue a gRPC
     # channel's 101st call; a connection closed after 1,000 requests would
@@ -201,6 +250,8 @@ def hypercorn_config(
     # reads its client's messages in a task of its own, grpc_chat.py.)
     hc.h2_max_concurrent_streams = 1000
     hc.keep_alive_max_requests = 1_000_000
+    if connection_limits is not None:  # --header-timeout, --body-timeout, --max-connections-per-client
+        hypercorn_limits.configure(hc, connection_limits)
     return hc
 
 
@@ -237,11 +288,27 @@ async def serve(
     # One ASGI app for every protocol: gRPC/Connect (grpc_chat.py) in front of
     # Quart.  (A lesson's own small app, examples/, has no gRPC: served as is.)
     asgi = app.extensions["refimpl.grpc"]() if "refimpl.grpc" in app.extensions else app
+    # Slow and half-sent requests, connections per address (hypercorn_limits.py):
+    # refimpl's own app only; one Limits per server, kept where tests can see it.
+    connection_limits = None
+    if "REFIMPL" in app.config:
+        connection_limits = hypercorn_limits.ConnectionLimits.of(app.config["REFIMPL"])
+        app.extensions["refimpl.connection_limits"] = connection_limits
+    if "refimpl.engine" in app.extensions:  # every protocol's bytes pass here (metrics.py)
+        asgi = count_sent(asgi, app.extensions["refimpl.engine"].metrics)
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(
             asgi,
-            hypercorn_config(host, port, backlog, fd=fd, certfile=certfile, keyfile=keyfile),
+            hypercorn_config(
+                host,
+                port,
+                backlog,
+                fd=fd,
+                certfile=certfile,
+                keyfile=keyfile,
+                connection_limits=connection_limits,
+            ),
             shutdown_trigger=trigger,
             task_status=task_status,
         )

@@ -24,13 +24,19 @@ A :class:`TokenStream` has exactly two ways to get a token:
 Either may raise :class:`ModelError` (an expected failure with an OpenAI error
 code, lesson 07); anything else it raises is a bug, which the engine reports
 as ``internal_error`` (``patterns/errors.py``).
+
+A stream may also have a ``close()`` (plain, not async): the engine calls it
+once the generation ends, however it ends, so a stream that holds something
+open -- ``upstream.py``'s request to a real model -- lets go of it at once,
+and a cancelled generation stops the real model too (lesson 14).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # A simulated tokenizer: every word (with the space before it) and every
 # punctuation mark is one token.  Real tokenizers split differently, but the
@@ -65,10 +71,37 @@ class ModelRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     simulate: Simulate = field(default_factory=Simulate)
+    temperature: float | None = None
+    # The "simulate" object exactly as the client sent it (None: it sent
+    # none), which a proxy passes on to its upstream (upstream.py).
+    simulate_sent: dict[str, Any] | None = None
 
     @property
     def prompt(self) -> str:
         return "\n".join(content for _, content in self.messages)
+
+
+class ModelNames(str):
+    """The model a server serves by default -- the string itself, which is
+    what a WebSocket turn (it names no model) asks for -- and ``others`` it
+    also accepts.  ``refimpl serve --upstream`` serves every model the
+    upstream lists (``upstream.py``); ``others`` is None while that list is
+    unknown, and then any name goes on to the upstream, which judges it."""
+
+    others: frozenset[str] | None
+
+    def __new__(cls, default: str, others: Iterable[str] | None = ()) -> ModelNames:
+        names = super().__new__(cls, default)
+        names.others = None if others is None else frozenset(others)
+        return names
+
+
+def serves(served: str, model: str) -> bool:
+    """Whether a server serving ``served`` (a name, or :class:`ModelNames`)
+    accepts a request for ``model``."""
+    if model == served or not isinstance(served, ModelNames):
+        return model == served
+    return served.others is None or model in served.others
 
 
 class ModelError(Exception):

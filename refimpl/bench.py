@@ -62,6 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
     from .bench_backpressure import add_parser as add_backpressure_parser  # (they import this module)
     from .bench_cancel import add_parser as add_cancel_parser
+    from .bench_faults import add_parser as add_faults_parser
     from .bench_protocols import add_parser as add_protocols_parser
     from .bench_resume import add_parser as add_resume_parser
 
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_backpressure_parser(scenarios)
     add_protocols_parser(scenarios)
     add_resume_parser(scenarios)
+    add_faults_parser(scenarios)
 
 
 async def show_progress(label: str, total: int, count: Callable[[], int]) -> None:

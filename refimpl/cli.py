@@ -212,11 +212,19 @@ def _production_flags(p: argparse.ArgumentParser, d: Config) -> None:
         help="the upstream model to ask for (default: the first it lists)",
     )
     g.add_argument(
+        "--upstream-timeout",
+        metavar="S",
+        type=float,
+        default=d.upstream_timeout,
+        help="fail an upstream stream that sends nothing for this many seconds (upstream_timeout)",
+    )
+    g.add_argument(
         "--public-path",
         action="append",
         metavar="PATH",
         default=None,
-        help=f"a path answered without a key when REFIMPL_API_KEY is set (repeatable; default: {' '.join(d.public_paths)})",
+        help="a path answered without a key when REFIMPL_API_KEY is set (repeatable, replaces the"
+        f" default; a trailing * matches a prefix; default: {' '.join(d.public_paths)})",
     )
     g.add_argument(
         "--max-messages",
@@ -251,7 +259,7 @@ def _production_flags(p: argparse.ArgumentParser, d: Config) -> None:
         metavar="N",
         type=int,
         default=d.max_connections_per_client,
-        help="connections one client address may hold open",
+        help="connections one client address may hold open (more: closed at once, unread; 0: no cap)",
     )
     g.add_argument(
         "--header-timeout",
@@ -333,6 +341,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         upstream=args.upstream,
         upstream_key_env=args.upstream_key_env,
         upstream_model=args.upstream_model,
+        upstream_timeout=args.upstream_timeout,
         api_keys=api_keys_from_env(),
         public_paths=tuple(args.public_path) if args.public_path is not None else Config.public_paths,
         max_messages=args.max_messages,
@@ -442,6 +451,15 @@ def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
     if config.certfile:
         trust = f"; clients trust {config.ca}" if config.ca else ""
         print(f"  TLS       : HTTP/2 or HTTP/1.1, agreed by ALPN{trust}", flush=True)
+    if config.api_keys:  # auth.py: `refimpl chat` sends REFIMPL_API_KEY itself
+        n = len(config.api_keys)
+        print(
+            f"  API keys  : {n} key{'s' * (n > 1)} from REFIMPL_API_KEY required"
+            f" (add -H 'Authorization: Bearer KEY' to curl); public: {' '.join(config.public_paths)}",
+            flush=True,
+        )
+    if config.cors_origins:
+        print(f"  CORS      : pages from {' '.join(config.cors_origins)} may call this server", flush=True)
 
 
 async def run_chat(args: argparse.Namespace) -> int:

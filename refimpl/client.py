@@ -25,6 +25,7 @@ TTFT and tokens per second measured at the client.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,12 +53,21 @@ class StreamEvent:
     id: str = ""
 
 
+def api_key_headers() -> dict[str, str]:
+    """``Authorization: Bearer <key>`` when ``REFIMPL_API_KEY`` is set (its
+    first key, if it lists several), so that ``refimpl chat`` works against a
+    server started with the same variable (lesson 14)."""
+    key = os.environ.get("REFIMPL_API_KEY", "").split(",")[0].strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 # region: client-stream
 async def stream_chat(
     client: httpx.AsyncClient, url: str, body: dict[str, Any]
 ) -> AsyncIterator[StreamEvent]:
     body = {**body, "stream": True}
-    async with client.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
+    endpoint = url.rstrip("/") + "/v1/chat/completions"
+    async with client.stream("POST", endpoint, json=body, headers=api_key_headers()) as resp:
         if resp.status_code != 200:
             raise StreamError(_error_of(resp.status_code, await resp.aread()))
         parser = SSEParser()

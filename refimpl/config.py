@@ -105,11 +105,18 @@ class Config:
     upstream_key_env: str | None = None
     # The model asked of the upstream; None: the first one its /v1/models lists.
     upstream_model: str | None = None
+    # Seconds the upstream may send nothing at all (no token, no comment)
+    # before its stream fails with upstream_timeout; a model that takes long
+    # to its first token but heartbeats (refimpl, behind a proxy) is alive.
+    upstream_timeout: float = 60.0
     # API keys a client must present on every protocol (REFIMPL_API_KEY, one
     # key or a comma-separated list); empty: no key needed.
     api_keys: tuple[str, ...] = ()
-    # Paths answered without a key even when keys are set.
-    public_paths: tuple[str, ...] = ("/", "/metrics")
+    # Paths answered without a key even when keys are set (a trailing "*"
+    # matches any path that starts so): the demo page and its scripts, which
+    # are no secret and which a <script src> cannot fetch with a key, and
+    # the metrics for Prometheus (auth.py).
+    public_paths: tuple[str, ...] = ("/", "/static/*", "/metrics")
     # Limits, each with its own clear error (lesson 14): messages per
     # request and characters of prompt (400), the largest max_tokens (400),
     # streams one client address may run at once (429) ...
@@ -117,8 +124,9 @@ class Config:
     max_prompt_chars: int = 1_000_000
     max_tokens_limit: int = 32_768
     max_streams_per_client: int = 64
-    # ... connections one client address may hold open, and the seconds a
-    # client may take to send its request headers and its body (408, close).
+    # ... connections one client address may hold open (past it: closed at
+    # once, unread; 0: no cap), and the seconds a client may take to send its
+    # request headers and its body (408, close): hypercorn_limits.py.
     max_connections_per_client: int = 256
     header_timeout: float = 10.0
     body_timeout: float = 30.0

@@ -45,7 +45,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -55,6 +55,9 @@ from .metrics import Metrics
 from .patterns import errors
 from .patterns.errors import APIError
 from .trace import Trace
+
+if TYPE_CHECKING:
+    from .limits import Limits
 
 
 class GenerationCancelled(Exception):
@@ -143,6 +146,13 @@ class Generation:
     @property
     def finish_reason(self) -> str | None:
         return self._stream.finish_reason
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """Which of the request's stop sequences ended it, if its backend
+        can tell (the simulated model can; an OpenAI-compatible upstream says
+        only "stop"): Anthropic's ``stop_sequence`` (``anthropic_messages.py``)."""
+        return getattr(self._stream, "stop_sequence", None)
 
     @property
     def finished(self) -> bool:
@@ -293,9 +303,16 @@ class Generation:
 
     # region: first-token
     def _produced(self, n: int) -> None:
-        if self.completion_tokens == n:
-            self.trace.record("first_token", n)
-        self._engine.metrics.tokens.inc(n)
+        """``n`` tokens go to the writer now: the trace and the metrics
+        (TTFT, the inter-token gaps, tokens) are kept here, the one place
+        every protocol's tokens pass (``metrics.py``, lesson 14)."""
+        now = trio.current_time()
+        if self.completion_tokens == n:  # the first ones: TTFT ends here
+            self.trace.record("first_token", n, at=now)
+            self._engine.metrics.first_tokens(self.protocol, now - self.trace.events[0].at, n)
+        else:
+            self._engine.metrics.more_tokens(self.protocol, now - self._last_token_at, n)
+        self._last_token_at = now  # (first set with the first token, read only after it)
 
     # endregion: first-token
 
@@ -343,6 +360,11 @@ class Generation:
             return
         if self.on_end is not None:
             self.on_end()
+        # A stream that holds something open (upstream.py: a request to the
+        # upstream) closes it now, however the generation ended, so that a
+        # cancel reaches the real model at once (TokenStream.close, lesson 14).
+        if (close := getattr(self._stream, "close", None)) is not None:
+            close()
         self.trace.record(name, self.completion_tokens, detail)
         if name == "error":
             errors.log_failure(self.id, detail, self.completion_tokens)
@@ -387,6 +409,9 @@ class Engine:
         self._idle.set()
         self._recent: OrderedDict[str, Generation] = OrderedDict()
         self._keep = keep_finished
+        # Per-request and per-client limits (limits.py, lesson 14), checked
+        # by start() for every protocol; None: none.  create_app installs them.
+        self.limits: Limits | None = None
 
     # region: admission
     def start(self, request: ModelRequest, protocol: str) -> Generation:
@@ -399,6 +424,8 @@ class Engine:
                 code="server_shutting_down",
                 retry_after=self.retry_after,
             )
+        # Limits of one request or one client: 400 or 429 (lesson 14).
+        client = self.limits.admit(request) if self.limits is not None else None
         free = len(self.active) < self.max_active
         if not free and len(self.queued) >= self.max_queue:
             raise APIError(
@@ -409,6 +436,8 @@ class Engine:
                 retry_after=self.retry_after,
             )
         gen = Generation(self, request, protocol)
+        if self.limits is not None:
+            self.limits.track(client, gen)  # counted until it ends, however
         self.metrics.generations.inc()
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -457,6 +486,8 @@ class Engine:
             self.metrics.cancellations.labels(reason=detail).inc()
         elif name == "error":
             self.metrics.errors.labels(reason=detail).inc()
+        # From "accepted" to this ending (the trace's first and last events).
+        self.metrics.ended(gen.protocol, name, gen.trace.events[-1].at - gen.trace.events[0].at)
         self._recent[gen.id] = gen
         access_log.generation_ended(gen, name, detail)
         while len(self._recent) > self._keep:

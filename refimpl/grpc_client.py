@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .client import StreamError, StreamEvent
+from .client import StreamError, StreamEvent, api_key_headers
 
 
 def _channel(url: str) -> Any:
@@ -77,7 +77,8 @@ async def stream_chat(url: str, body: dict[str, Any]) -> AsyncIterator[StreamEve
     send, receive = trio.open_memory_channel[StreamEvent | BaseException](1)
     token = trio.lowlevel.current_trio_token()
     channel = _channel(url)
-    call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(request)
+    metadata = [(k.lower(), v) for k, v in api_key_headers().items()]  # REFIMPL_API_KEY, if set
+    call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(request, metadata=metadata)
 
     def run() -> None:  # in a worker thread: grpcio blocks
         def hand(item: StreamEvent | BaseException) -> None:

@@ -207,7 +207,7 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
-from . import hypercorn_h2
+from . import hypercorn_h2, hypercorn_limits
 from .patterns import heartbeat
 
 log = logging.getLogger("refimpl")
@@ -594,6 +594,7 @@ def install(fastwrite: bool | None = None) -> bool:
             f", and the source of {', '.join(changed)} changed" if changed else "",
         )
     hypercorn_h2.install()  # HTTP/2 flow control; refuses (installing nothing) if it cannot
+    hypercorn_limits.install()  # slow requests, connections per address: hypercorn_limits.py
     if fastwrite is None:
         fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"
     hypercorn_run.TCPServer = FastTCPServer if fastwrite else STOCK_TCP_SERVER

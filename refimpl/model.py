@@ -127,6 +127,7 @@ class _SimulatedStream:
         self.prompt_tokens = count_tokens(request.prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the one that ended it, if any
         # The first token is due ttft_ms from now; each later one itl_ms
         # after its predecessor was taken (see the module docstring).
         self._due = trio.current_time() + sim.ttft_ms / 1000
@@ -195,12 +196,13 @@ class _SimulatedStream:
         """End before a stop sequence, the way OpenAI does: the text up to the
         stop is sent, the stop sequence itself and everything after are not."""
         text = self._emitted + token
-        hits = [i for s in self._stop if (i := text.find(s)) != -1]
+        hits = [(i, s) for s in self._stop if (i := text.find(s)) != -1]
         if not hits:
             self._emitted = text
             return token
         self.finish_reason = "stop"
-        head = text[len(self._emitted) : min(hits)]
+        at, self.stop_sequence = min(hits, key=lambda hit: hit[0])  # the first in the text
+        head = text[len(self._emitted) : at]
         return head or None
 
 

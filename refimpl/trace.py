@@ -39,6 +39,9 @@ Tests, lessons, notebooks and the demo page read traces through
 ``GET /v1/debug/generations/{id}`` (a route of ``app.py``) and through
 :meth:`Trace.to_json`.  Lesson 00 uses the ``accepted`` → ``first_token``
 distance to show what streaming buys; lesson 09 uses ``cancelled``.
+``/metrics`` (``metrics.py``, lesson 14) takes its TTFT and its generation
+durations from these same stamps (``accepted`` to ``first_token``,
+``accepted`` to the terminal event), so a chart and a trace never disagree.
 """
 
 from __future__ import annotations

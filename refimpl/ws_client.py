@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from .client import StreamError
+from .client import StreamError, api_key_headers
 
 #: What :func:`connect` raises when there is no server to talk to.
 CONNECT_ERRORS = (HandshakeError, OSError)
@@ -109,5 +109,6 @@ class WSChat:
 
 @asynccontextmanager
 async def connect(url: str) -> AsyncIterator[WSChat]:
-    async with open_websocket_url(ws_url(url)) as connection:
+    headers = list(api_key_headers().items())  # REFIMPL_API_KEY, if set
+    async with open_websocket_url(ws_url(url), extra_headers=headers) as connection:
         yield WSChat(connection)

@@ -98,6 +98,8 @@ class Flow(Protocol):
 
     def close(self) -> None: ...
 
+    def held_back(self) -> bool: ...
+
 
 # region: flow
 def flow(gen: Generation, policy: str | None, config: Config, nursery: trio.Nursery) -> Flow:
@@ -106,10 +108,15 @@ def flow(gen: Generation, policy: str | None, config: Config, nursery: trio.Nurs
     ``close()`` in its ``finally``; ``nursery`` must outlive the writer."""
     policy = policy or config.backpressure
     if policy == "coalesce":
-        return Coalesce(gen, config.coalesce_max_tokens, nursery)
-    if policy == "disconnect":
-        return Disconnect(gen, config.min_tokens_per_s, config.slow_window)
-    return Pause(gen)
+        made: Flow = Coalesce(gen, config.coalesce_max_tokens, nursery)
+    elif policy == "disconnect":
+        made = Disconnect(gen, config.min_tokens_per_s, config.slow_window)
+    else:
+        made = Pause(gen)
+    # The paused-streams gauge asks each flow at scrape time (metrics.py);
+    # close() takes it out.
+    gen._engine.metrics.flows.add(made)
+    return made
 
 
 # endregion: flow
@@ -167,6 +174,13 @@ class Pause:
 
     def close(self) -> None:
         self.gen.on_end = None
+        self.gen._engine.metrics.flows.discard(self)
+
+    def held_back(self) -> bool:
+        """Right now, a write has been blocked on the client for at least
+        PAUSE_AFTER (the paused-streams gauge; the trace says so only once
+        the write returns)."""
+        return self._left_at is not None and trio.current_time() - self._left_at >= PAUSE_AFTER
 
     def _check(self, back: float) -> None:
         """What Disconnect adds."""
@@ -271,6 +285,11 @@ class Coalesce:
 
     def close(self) -> None:
         self._scope.cancel()
+        self.gen._engine.metrics.flows.discard(self)
+
+    def held_back(self) -> bool:
+        """The buffer is at its cap: the model waits for the client."""
+        return len(self._pending) >= self.cap
 
 
 # endregion: coalesce

@@ -86,6 +86,7 @@ _STATUS_TYPE = {
     429: "rate_limit_error",
     499: "invalid_request_error",  # nginx's "client closed request"; Connect's "canceled"
     500: "server_error",
+    502: "server_error",
     503: "server_error",
     504: "server_error",
 }
@@ -113,6 +114,17 @@ FAILURES: dict[str, tuple[int, bool]] = {
     # unread past --resume-grace: seen only by another reader of the stream.
     "client_cancel": (499, False),
     "client_disconnect": (499, False),
+    # A real model upstream (upstream.py, lesson 14), as a gateway reports
+    # it (RFC 9110 §15.6.3-15.6.5): it cannot be reached or says it is busy
+    # (429/503), so trying again later can help ...
+    "upstream_unavailable": (503, True),
+    # ... it sent nothing for --upstream-timeout seconds ...
+    "upstream_timeout": (504, False),
+    # ... it failed, refused our key, or sent a broken or garbled stream ...
+    "upstream_error": (502, False),
+    # ... or it rejected the request itself (its 4xx): the same request
+    # would fail the same way, so the SDK must not retry it.
+    "upstream_rejected": (400, False),
 }
 # endregion: failure-table
 
@@ -176,6 +188,17 @@ def failure_status(err: ModelError, retry_after: float, headers: dict[str, str])
 # endregion: failure-status
 
 
+def request_timeout(part: str, seconds: float, *, close: bool = False) -> APIError:
+    """408 for a request whose ``part`` ("headers" or "body") did not arrive
+    within ``seconds`` (``--header-timeout`` / ``--body-timeout``): the
+    client's fault, so ``invalid_request_error``; the openai SDK retries it.
+    One message for both places that send it: ``hypercorn_limits.py``
+    (HTTP/1.1) and ``app.py`` (Quart's body timeout).  ``close``: the
+    connection closes after it, and HTTP/1.1 says so (RFC 9112 §9.6)."""
+    message = f"The request {part} did not arrive within {seconds:g} seconds; the server stopped waiting."
+    return APIError(408, message, code="request_timeout", headers={"Connection": "close"} if close else None)
+
+
 def model_failure_body(err: ModelError) -> dict[str, Any]:
     """The error object of a failure after the stream started."""
     status, _ = FAILURES.get(err.code, (500, False))
@@ -214,6 +237,7 @@ _GRPC_CODE = {
     413: "RESOURCE_EXHAUSTED",
     429: "RESOURCE_EXHAUSTED",
     499: "CANCELED",  # connectrpc spells it the Connect way; grpcio: CANCELLED
+    502: "UNAVAILABLE",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }

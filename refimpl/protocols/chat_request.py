@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..backend import ModelRequest, Simulate
+from ..backend import ModelRequest, Simulate, serves
 from ..patterns.errors import FAILURES, APIError
 
 #: The values of the top-level ``"backpressure"`` field (``patterns/backpressure.py``).
@@ -113,20 +113,38 @@ def _stop(value: Any) -> tuple[str, ...]:
     raise bad_request("'stop' must be a string or an array of up to 4 strings.", "stop")
 
 
+def served(body: dict[str, Any], served_model: str) -> str:
+    """The request's ``model``: present, and the one this server serves (404
+    otherwise).  Shared with the Responses dialect (``responses_request.py``)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
+    if not serves(served_model, model):  # an upstream's names too (backend.ModelNames)
+        names = ", ".join(f"'{n}'" for n in [served_model, *sorted(getattr(served_model, "others", ()))])
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist. This server serves {names}.",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def temperature(body: dict[str, Any]) -> float | None:
+    """``temperature``: absent, or a number from 0 to 2 (both dialects)."""
+    value = body.get("temperature")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2
+    ):
+        raise bad_request("'temperature' must be a number between 0 and 2.", "temperature")
+    return value
+
+
 # region: request-validation
 def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> ChatParams:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("You must provide a model parameter.", "model", "missing_required_parameter")
-    if model != served_model:
-        raise APIError(
-            404,
-            f"The model '{model}' does not exist. This server serves '{served_model}'.",
-            param="model",
-            code="model_not_found",
-        )
+    model = served(body, served_model)
     messages = parse_messages(body.get("messages"))
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
@@ -142,11 +160,7 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
     include_usage = bool((options or {}).get("include_usage", False))
     if optional_int(body, "n", 1) not in (None, 1):
         raise bad_request("Only n=1 is supported.", "n")
-    temperature = body.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2
-    ):
-        raise bad_request("'temperature' must be a number between 0 and 2.", "temperature")
+    temperature(body)
     max_tokens = optional_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = optional_int(body, "max_tokens", 1)
@@ -157,6 +171,8 @@ def parse_chat_request(body: Any, *, served_model: str, defaults: Simulate) -> C
         seed=optional_int(body, "seed", -(2**63)),
         stop=_stop(body.get("stop")),
         simulate=parse_simulate(body.get("simulate"), defaults),
+        temperature=temperature(body),
+        simulate_sent=body.get("simulate") or None,
     )
     resumable = body.get("resumable", False)
     if not isinstance(resumable, bool):

@@ -71,7 +71,7 @@ from typing import Any
 
 import trio
 
-from .. import hypercorn_patches
+from .. import auth, hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled, Idle
@@ -330,7 +330,11 @@ def asgi(quart_app: Any, engine: Engine, config: Config, shutdown: Shutdown) -> 
     """One ASGI app for hypercorn: ``/refimpl.v1.ChatService/*`` to
     connectrpc, everything else (and the lifespan) to Quart."""
     service = ChatService(engine, config, shutdown)
-    connect_app = ChatServiceASGIApplication(service)
+    # API keys (auth.py): checked before the request message is even read.
+    keys = auth.Keys(config.api_keys)
+    connect_app = ChatServiceASGIApplication(
+        service, interceptors=[auth.GrpcKeyCheck(keys)] if keys.required else []
+    )
     prefix = connect_app.path + "/"
 
     async def app(scope: dict, receive: Callable, send: Callable) -> None:

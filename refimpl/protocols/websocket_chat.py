@@ -52,7 +52,7 @@ from quart import Quart, websocket
 from quart.wrappers import Websocket
 from wsproto.frame_protocol import CloseReason
 
-from .. import hypercorn_patches
+from .. import auth, hypercorn_patches
 from ..backend import ModelError
 from ..config import Config
 from ..engine import FINISHED, Engine, Generation, GenerationCancelled
@@ -179,6 +179,7 @@ class ChatSocket:
 
 def register(app: Quart, engine: Engine, shutdown: Shutdown) -> None:
     config: Config = app.config["REFIMPL"]
+    keys = auth.Keys(config.api_keys)
 
     @app.websocket(PATH)
     async def ws_chat() -> None:
@@ -196,7 +197,13 @@ def register(app: Quart, engine: Engine, shutdown: Shutdown) -> None:
         # 08); a dropped connection cancels it at once (lesson 09).
         watchdog.on_ping = lambda: chat.gen.heartbeat() if chat.gen is not None else None
         watchdog.on_drop = lambda reason: chat.gen and cancellation.client_left(chat.gen, reason)
-        await ws.accept()
+        # A browser that sends its key as a subprotocol token gets the other
+        # subprotocol it offered; a socket without a good key is told why
+        # (1008) once it is open, where a browser can read it (auth.py).
+        await ws.accept(subprotocol=auth.chosen_subprotocol(ws.requested_subprotocols))
+        presented = auth.websocket_key(ws.headers, ws.query_string, ws.requested_subprotocols)
+        if not keys.allows(presented):
+            return await ws.close(CloseReason.POLICY_VIOLATION, auth.websocket_refusal(presented))
         shutdown.track(chat, chat.going_away)  # closed with 1001 when the server drains
         try:
             await chat.run()

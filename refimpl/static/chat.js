@@ -10,6 +10,7 @@
 //   timeline.js           the trace as an SVG timeline
 // The transports return the same outcome objects, so this file does not
 // care which protocol carried the turn.
+import { keyHeaders } from "./api_key.js";
 import { StreamStats } from "./stats.js";
 import { drawTimeline, traceAsText } from "./timeline.js";
 import { streamOverConnect } from "./transport_connect.js";
@@ -132,7 +133,7 @@ function showOutcome(outcome, stats) {
 // moment after our side has finished, so ask again until the trace is over.
 async function showTrace(id) {
   for (let attempt = 0; attempt < 20; attempt++) {
-    const response = await fetch(`/v1/debug/generations/${id}`);
+    const response = await fetch(`/v1/debug/generations/${id}`, { headers: keyHeaders() });
     if (!response.ok) break;
     const trace = await response.json();
     drawTimeline($("timeline"), trace);

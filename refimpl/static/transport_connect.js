@@ -48,6 +48,8 @@
 // generation at once: cancelled(client_cancel) in its trace, since a gRPC
 // server only learns "the call is gone", never why (lesson 09).
 
+import { keyHeaders } from "./api_key.js";
+
 const PATH = "/refimpl.v1.ChatService/StreamChat";
 const COMPRESSED = 0x01; // flags bit 0
 const END_STREAM = 0x02; // flags bit 1: the last envelope, JSON, the outcome
@@ -161,7 +163,7 @@ export async function streamOverConnect(request, on, signal) {
   try {
     const response = await fetch(PATH, {
       method: "POST",
-      headers: { "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1" },
+      headers: { "Content-Type": "application/connect+json", "Connect-Protocol-Version": "1", ...keyHeaders() },
       body: envelope(chatRequest(request)), // a server stream's request: exactly one envelope
       signal,
     });

@@ -21,6 +21,7 @@
 // the turn is not over: the page asks GET /v1/chat/completions/{id}/events
 // for what came after the last event it has (a Last-Event-ID header, as
 // EventSource would send) and reads on, into the same text.
+import { keyHeaders } from "./api_key.js";
 import { SSEParser } from "./sse.js";
 
 // Resumes of one turn before the page gives up, and the wait between two
@@ -34,7 +35,7 @@ export async function streamOverSSE(request, on, signal, { resumable = false } =
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...keyHeaders() },
       body: JSON.stringify({
         ...request,
         stream: true,
@@ -59,7 +60,7 @@ export async function streamOverSSE(request, on, signal, { resumable = false } =
     // Not a resumable one: hanging up is what a cut looks like, and the
     // server keeps generating for --resume-grace seconds, waiting for us to
     // come back.  So say it: POST .../cancel, cancelled(client_cancel).
-    if (resumable && id) await fetch(`/v1/chat/completions/${id}/cancel`, { method: "POST" }).catch(() => {});
+    if (resumable && id) await fetch(`/v1/chat/completions/${id}/cancel`, { method: "POST", headers: keyHeaders() }).catch(() => {});
     return { ended: "stopped", id };
   }
 }
@@ -125,7 +126,7 @@ async function resume(turn, cut, on, signal) {
     let response;
     try {
       response = await fetch(`/v1/chat/completions/${turn.id}/events`, {
-        headers: turn.lastEventId ? { "Last-Event-ID": turn.lastEventId } : {},
+        headers: { ...keyHeaders(), ...(turn.lastEventId && { "Last-Event-ID": turn.lastEventId }) },
         signal,
       });
     } catch (err) {

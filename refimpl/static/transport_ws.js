@@ -18,13 +18,15 @@
 // * When the model is ahead of the socket, one token message carries every
 //   token that was ready, so counting messages undercounts; usage is exact.
 
+import { keyProtocols } from "./api_key.js";
+
 const WS_URL = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/ws/chat`;
 let socket = null; // a Promise of the open WebSocket, shared by every turn
 
 function openSocket() {
   if (socket) return socket;
   socket = new Promise((resolve, reject) => {
-    const ws = new WebSocket(WS_URL);
+    const ws = new WebSocket(WS_URL, keyProtocols()); // the key, if any (api_key.js)
     ws.addEventListener("open", () => resolve(ws), { once: true });
     ws.addEventListener("error", () => reject(new Error(`could not connect to ${WS_URL}`)), { once: true });
     ws.addEventListener("close", () => (socket = null), { once: true }); // next Send reconnects
