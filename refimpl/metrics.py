@@ -50,7 +50,10 @@ every pull and every write, the hot path (lesson 13), so they are plain
 Python numbers exported through the library's custom-collector interface at
 scrape time: ``Histogram.observe`` takes two locks per call (~1.1 µs here)
 for threads this server does not have, and has no way to count a batch of
-tokens at once.  Measured with ``refimpl bench``: see lesson 14.
+tokens at once.  Measured (2 CPUs, timeit, process time): the metrics add
+~1.0-1.5 µs per pull to ``Generation._produced`` (a clock read, a bisect, a
+TTFT/ITL/tokens update) and ~0.1-0.3 µs per write to ``count_sent``; the
+stock ``Histogram`` would have cost ~1.1 µs per *token*.
 """
 
 from __future__ import annotations
