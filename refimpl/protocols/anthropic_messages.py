@@ -6,9 +6,10 @@ Two vendors stream the same thing -- text, then why it stopped and what it
 cost -- over the same transport, Server-Sent Events (WHATWG HTML §9.2), and
 still no client of one can read the other.  This module is the second dialect
 beside ``sse_chat.py`` (OpenAI's Chat Completions), built the same way so the
-two read side by side (lesson 14): a framer that pre-encodes one stream's
-events, the same pull loop over the same engine, the same response headers,
-stall guard and ``patterns/``.  Only the words on the wire change.
+two read side by side (lesson 14).  It is only a framer that
+pre-encodes one stream's events (an ``sse_chat.Framer``) and a route; the
+pull loop, the response headers, the stall guard and ``patterns/`` are
+``sse_chat``'s, shared.  Only the words on the wire change.
 
 What Anthropic's streaming reference asks for, in our words: every event is
 *named* (an ``event:`` line) and its JSON repeats the name in ``"type"``.  A
@@ -48,23 +49,19 @@ on every protocol; it is also sent as ``request-id``, which the SDK exposes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from functools import partial
 from json.encoder import encode_basestring as json_string
 from typing import Any
 
 from quart import Quart, Response
 
 from ..backend import ModelError
-from ..config import Config
-from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
+from ..engine import Engine, Generation
 from ..jsonwire import dumps
-from ..patterns import backpressure, cancellation, errors
 from ..patterns.errors import FAILURES, APIError
 from ..sse import encode
 from .anthropic_request import parse_messages_request
 from .http_json import json_response, read_json_body
-from .sse_chat import event_stream
+from .sse_chat import collect, stream_response
 
 PATH = "/v1/messages"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
@@ -151,6 +148,11 @@ class EventFramer:
             + event("message_stop")
         )
 
+    def heartbeat(self) -> bytes:
+        """A silence (lesson 08): a real event, which every Anthropic client skips."""
+        self.gen.heartbeat()
+        return PING
+
     def error(self, err: ModelError) -> bytes:
         """A failure after the 200: one ``error`` event; the body then ends."""
         status, _ = FAILURES.get(err.code, (500, False))
@@ -162,14 +164,8 @@ def event(name: str, **fields: Any) -> bytes:
     return encode(dumps({"type": name, **fields}), event=name)
 
 
-#: The heartbeat: a real event that every Anthropic client skips.
+#: The heartbeat, encoded once: a named event, not an SSE comment.
 PING = event("ping")
-
-
-def ping(gen: Generation) -> bytes:
-    """What the writer sends when ``pull()`` said ``SILENT`` (lesson 08)."""
-    gen.heartbeat()
-    return PING
 
 
 # endregion: event-framer
@@ -190,33 +186,6 @@ def message_object(gen: Generation, content: list, stop_reason: str | None, outp
 
 
 # region: anthropic-stream
-async def stream_events(
-    gen: Generation, flow: backpressure.Flow, framer: EventFramer, config: Config
-) -> AsyncIterator[bytes]:
-    """The response body: ``sse_chat.stream_chunks``'s loop, other words."""
-    batch, silence = config.batch_tokens, config.heartbeat
-    try:
-        yield framer.start()
-        while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
-            if step is SILENT:
-                yield ping(gen)
-            else:
-                yield framer.content(step)
-        yield framer.end()
-    except ModelError as err:  # an error event, no message_stop
-        yield framer.error(err)
-    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
-        yield framer.error(errors.cancelled_error(cancel.reason))
-    except Exception as bug:  # a bug of ours: an error event, not a cut body
-        yield framer.error(gen.fail(bug))
-    finally:
-        cancellation.client_left(gen)  # still running: the client went away
-        flow.close()
-
-
-# endregion: anthropic-stream
-
-
 def register(app: Quart, engine: Engine) -> None:
     config = app.config["REFIMPL"]
 
@@ -227,27 +196,13 @@ def register(app: Quart, engine: Engine) -> None:
         )
         gen = engine.start(params.model_request, "sse" if params.stream else "http")
         headers = {"X-Request-Id": gen.id, "request-id": gen.id}
-        if not params.stream:
-            return await complete(gen, headers, config)
-        framer = EventFramer(gen)
-        flow = backpressure.flow(gen, params.backpressure, config, app.nursery)
-        body = stream_events(gen, flow, framer, config)
-        return event_stream(body, headers, config, on_drop=partial(cancellation.client_left, gen))
+        if params.stream:  # sse_chat's writer, this module's words
+            return stream_response(app, gen, EventFramer(gen), params.backpressure, headers)
+        text = await collect(gen, headers, config)  # a failure is a status: app.py shapes it
+        content = [{"type": "text", "text": text}]
+        return json_response(
+            message_object(gen, content, stop_reason(gen), gen.completion_tokens), 200, headers
+        )
 
 
-async def complete(gen: Generation, headers: dict[str, str], config: Config) -> Response:
-    """Non-streaming: the same generation, as one ``message`` object."""
-    parts: list[str] = []
-    try:
-        while (step := await gen.pull()) is not FINISHED:
-            parts += step
-    except ModelError as err:  # a status is still possible; app.py shapes it
-        raise errors.failure_status(err, config.retry_after, headers) from None
-    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
-        raise errors.failure_status(
-            errors.cancelled_error(cancel.reason), config.retry_after, headers
-        ) from None
-    finally:
-        cancellation.client_left(gen)  # still running: the client went away
-    content = [{"type": "text", "text": "".join(parts)}]
-    return json_response(message_object(gen, content, stop_reason(gen), gen.completion_tokens), 200, headers)
+# endregion: anthropic-stream

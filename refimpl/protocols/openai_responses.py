@@ -4,9 +4,10 @@ Strategy
 --------
 The third dialect over the same engine, beside ``sse_chat.py`` (Chat
 Completions) and ``anthropic_messages.py`` (Messages), built the same way so
-the three read side by side (lesson 14): a framer that pre-encodes one
-stream's events, the same pull loop, the same response headers, stall guard
-and ``patterns/``.  Newer OpenAI guides and the Vercel AI SDK's default
+the three read side by side (lesson 14).  It is only a framer that
+pre-encodes one stream's events (an ``sse_chat.Framer``) and a route; the
+pull loop, the response headers, the stall guard and ``patterns/`` are
+``sse_chat``'s, shared.  Newer OpenAI guides and the Vercel AI SDK's default
 OpenAI provider speak only this one.  The request is translated in
 ``responses_request.py``.
 
@@ -79,23 +80,20 @@ node is repeated whole (1.7 kB to open, 2.9 kB to close 64 tokens).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from functools import partial
 from json.encoder import encode_basestring as json_string
 from typing import Any
 
 from quart import Quart, Response
 
 from ..backend import ModelError
-from ..config import Config
-from ..engine import FINISHED, SILENT, Engine, Generation, GenerationCancelled
+from ..engine import Engine, Generation
 from ..jsonwire import dumps, dumps_ascii
-from ..patterns import backpressure, cancellation, errors, heartbeat
+from ..patterns import errors, heartbeat
 from ..patterns.errors import APIError
 from ..sse import encode
 from .http_json import json_response, read_json_body
 from .responses_request import parse_responses_request
-from .sse_chat import event_stream
+from .sse_chat import collect, stream_response
 
 PATH = "/v1/responses"
 DELTA = "response.output_text.delta"
@@ -225,6 +223,9 @@ class ResponseEvents:
             ]
         )
 
+    def heartbeat(self) -> bytes:
+        return heartbeat.sse_heartbeat(self.gen)  # a comment: no sequence number
+
     def error(self, err: ModelError) -> bytes:
         """A failure after the 200: ``error``, then ``response.failed``."""
         body = errors.model_failure_body(err)
@@ -242,33 +243,6 @@ class ResponseEvents:
 
 
 # region: responses-stream
-async def stream_events(
-    gen: Generation, flow: backpressure.Flow, events: ResponseEvents, config: Config
-) -> AsyncIterator[bytes]:
-    """The response body: ``sse_chat.stream_chunks``'s loop, other words."""
-    batch, silence = config.batch_tokens, config.heartbeat
-    try:
-        yield events.start()
-        while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
-            if step is SILENT:
-                yield heartbeat.sse_heartbeat(gen)  # a comment: no sequence number
-            else:
-                yield events.content(step)
-        yield events.end()
-    except ModelError as err:  # error + response.failed, then the body ends
-        yield events.error(err)
-    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
-        yield events.error(errors.cancelled_error(cancel.reason))
-    except Exception as bug:  # a bug of ours: an error event, not a cut body
-        yield events.error(gen.fail(bug))
-    finally:
-        cancellation.client_left(gen)  # still running: the client went away
-        flow.close()
-
-
-# endregion: responses-stream
-
-
 def register(app: Quart, engine: Engine) -> None:
     config = app.config["REFIMPL"]
 
@@ -283,31 +257,15 @@ def register(app: Quart, engine: Engine) -> None:
             refused.param = _PARAMS.get(refused.param, refused.param)
             raise
         headers = {"X-Request-Id": gen.id}
-        if not params.stream:
-            return await complete(gen, params.echo, headers, config)
-        events = ResponseEvents(gen, params.echo)
-        flow = backpressure.flow(gen, params.backpressure, config, app.nursery)
-        body = stream_events(gen, flow, events, config)
-        return event_stream(body, headers, config, on_drop=partial(cancellation.client_left, gen))
+        if params.stream:  # sse_chat's writer, this module's words
+            return stream_response(app, gen, ResponseEvents(gen, params.echo), params.backpressure, headers)
+        text = await collect(gen, headers, config)  # a failure is a status, as on Chat Completions
+        status = finished_status(gen)
+        item = message_item(item_id(gen), text, status)
+        body = response_object(
+            gen, params.echo, status, [item], usage=usage(gen), completed_at=int(time.time())
+        )
+        return json_response(body, 200, headers)
 
 
-async def complete(
-    gen: Generation, echo: dict[str, Any], headers: dict[str, str], config: Config
-) -> Response:
-    """Non-streaming: the same generation, as one ``response`` object."""
-    parts: list[str] = []
-    try:
-        while (step := await gen.pull()) is not FINISHED:
-            parts += step
-    except ModelError as err:  # the status line is still ours: say it there
-        raise errors.failure_status(err, config.retry_after, headers) from None
-    except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
-        raise errors.failure_status(
-            errors.cancelled_error(cancel.reason), config.retry_after, headers
-        ) from None
-    finally:
-        cancellation.client_left(gen)  # still running: the client went away
-    status = finished_status(gen)
-    item = message_item(item_id(gen), "".join(parts), status)
-    body = response_object(gen, echo, status, [item], usage=usage(gen), completed_at=int(time.time()))
-    return json_response(body, 200, headers)
+# endregion: responses-stream

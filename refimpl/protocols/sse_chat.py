@@ -30,6 +30,15 @@ backpressure policy (``patterns/backpressure.py``, lesson 10).
 The writer below has the same pull loop as the WebSocket's
 (``websocket_chat.py``), so the two read side by side.
 
+One writer, three dialects.  ``anthropic_messages.py`` (Anthropic's
+Messages) and ``openai_responses.py`` (OpenAI's Responses) stream the same
+generations in other words, and only the words differ: so :class:`Framer`
+names the five moments of a stream whose bytes a dialect decides (its
+start, a batch of tokens, a heartbeat, its end, a failure), and
+:func:`stream_chunks`, :func:`stream_response` and :func:`collect` serve
+all three dialects, each a framer and a route (lesson 14).  A framer
+returns ready bytes, so the loop adds no work per token.
+
 Cost per token.  This is the hot path, so it is built for the costs measured
 in DESIGN §4 (lesson 02, "cost per token"): the chunk JSON is *pre-encoded*
 once per request into a prefix and a suffix around the content, so a token
@@ -44,7 +53,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from json.encoder import encode_basestring as json_string
-from typing import Any
+from typing import Any, Protocol
 
 from quart import Quart, Response, request
 
@@ -61,6 +70,23 @@ from .http_json import json_response, read_json_body
 
 SYSTEM_FINGERPRINT = "fp_refimpl"
 _MARK = "\x00CONTENT\x00"  # placeholder that cannot occur in JSON output
+
+
+class Framer(Protocol):
+    """The bytes of one stream, in one dialect: what the writer sends at
+    each moment.  Every method returns one write, already SSE-framed; the
+    writer calls ``start``, then ``content`` and ``heartbeat`` as the model
+    goes, then ``end`` -- or ``error``, after which the body ends."""
+
+    def start(self) -> bytes: ...  # before the first token is waited for
+
+    def content(self, tokens: list[str]) -> bytes: ...  # the hot path
+
+    def heartbeat(self) -> bytes: ...  # pull() said SILENT (lesson 08)
+
+    def end(self) -> bytes: ...  # pull() said FINISHED
+
+    def error(self, err: ModelError) -> bytes: ...  # a failure after the 200 (lesson 07)
 
 
 # region: chunk-framer
@@ -102,7 +128,7 @@ class ChunkFramer:
     def role_json(self) -> str:
         return dumps(self._chunk({"role": "assistant", "content": ""}, None))
 
-    def role(self) -> bytes:
+    def start(self) -> bytes:
         return encode(self.role_json())
 
     def end_json(self) -> list[str]:
@@ -116,31 +142,37 @@ class ChunkFramer:
         """The ending as one write."""
         return b"".join(encode(data) for data in self.end_json())
 
+    def heartbeat(self) -> bytes:
+        return heartbeat.sse_heartbeat(self.gen)  # a comment, ": ping"
+
+    def error(self, err: ModelError) -> bytes:
+        return errors.sse_error_event(err)  # an error event, then no [DONE]
+
 
 # endregion: chunk-framer
 
 
 # region: sse-stream
 async def stream_chunks(
-    gen: Generation, flow: backpressure.Flow, framer: ChunkFramer, config: Config
+    gen: Generation, flow: backpressure.Flow, framer: Framer, config: Config
 ) -> AsyncIterator[bytes]:
-    """The response body: Quart iterates this and writes each item."""
+    """The response body, in any dialect: Quart iterates this and writes each item."""
     batch, silence = config.batch_tokens, config.heartbeat
     try:
-        yield framer.role()
+        yield framer.start()
         # A blocked yield pauses the model, or not: the policy's (lesson 10).
         while (step := await flow.pull(batch, timeout=silence)) is not FINISHED:
             if step is SILENT:
-                yield heartbeat.sse_heartbeat(gen)  # lesson 08
+                yield framer.heartbeat()  # lesson 08
             else:
                 yield framer.content(step)
         yield framer.end()
     except ModelError as err:  # lesson 07 (and a slow_consumer): an error event, no [DONE]
-        yield errors.sse_error_event(err)
+        yield framer.error(err)
     except GenerationCancelled as cancel:  # the server cancelled it (cancel_all)
-        yield errors.sse_error_event(errors.cancelled_error(cancel.reason))
+        yield framer.error(errors.cancelled_error(cancel.reason))
     except Exception as bug:  # a bug of ours: an error event, not a cut body
-        yield errors.sse_error_event(gen.fail(bug))
+        yield framer.error(gen.fail(bug))
     finally:
         # Still running: we are leaving early, so the client went away (lesson
         # 09).  A client the stall guard dropped was cancelled already, with
@@ -168,16 +200,26 @@ def register(app: Quart, engine: Engine) -> None:
             return await complete(gen, headers, config)
         if params.resumable:  # lesson 11: a producer task and a log
             return resume_routes.start(app, gen, params, headers)
-        # region: sse-response
-        framer = ChunkFramer(gen, params.include_usage)
-        # coalesce's producer lives in the app's nursery: it must not be
-        # held open across the body generator's yields (DESIGN §4).
-        flow = backpressure.flow(gen, params.backpressure, config, app.nursery)
-        body = stream_chunks(gen, flow, framer, config)
-        # A client that reads nothing for stall_timeout seconds is dropped
-        # and its generation cancelled at once (lesson 10).
-        return event_stream(body, headers, config, on_drop=partial(cancellation.client_left, gen))
-        # endregion: sse-response
+        return stream_response(app, gen, ChunkFramer(gen, params.include_usage), params.backpressure, headers)
+
+
+# region: sse-response
+def stream_response(
+    app: Quart, gen: Generation, framer: Framer, policy: str | None, headers: dict[str, str]
+) -> Response:
+    """A streamed answer in any dialect: ``framer``'s bytes, written by
+    :func:`stream_chunks` under the request's backpressure ``policy``."""
+    config = app.config["REFIMPL"]
+    # coalesce's producer lives in the app's nursery: it must not be
+    # held open across the body generator's yields (DESIGN §4).
+    flow = backpressure.flow(gen, policy, config, app.nursery)
+    body = stream_chunks(gen, flow, framer, config)
+    # A client that reads nothing for stall_timeout seconds is dropped
+    # and its generation cancelled at once (lesson 10).
+    return event_stream(body, headers, config, on_drop=partial(cancellation.client_left, gen))
+
+
+# endregion: sse-response
 
 
 # region: event-stream
@@ -203,8 +245,9 @@ def event_stream(
 
 
 # region: complete
-async def complete(gen: Generation, headers: dict[str, str], config: Config) -> Response:
-    """Non-streaming: the same generation, collected into one object."""
+async def collect(gen: Generation, headers: dict[str, str], config: Config) -> str:
+    """Non-streaming, any dialect: the same generation, pulled to its end
+    with the same exceptions as the stream, into one text."""
     parts: list[str] = []
     try:
         while (step := await gen.pull()) is not FINISHED:
@@ -217,7 +260,12 @@ async def complete(gen: Generation, headers: dict[str, str], config: Config) -> 
         ) from None
     finally:
         cancellation.client_left(gen)  # still running: the client went away
-    message = {"role": "assistant", "content": "".join(parts), "refusal": None}
+    return "".join(parts)
+
+
+async def complete(gen: Generation, headers: dict[str, str], config: Config) -> Response:
+    """Chat Completions' answer not streamed: one ``chat.completion`` object."""
+    message = {"role": "assistant", "content": await collect(gen, headers, config), "refusal": None}
     body = {
         "id": gen.id,
         "object": "chat.completion",
