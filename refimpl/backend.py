@@ -4,7 +4,7 @@ Strategy
 --------
 A protocol module never talks to a model directly; it asks the engine for a
 generation, and the engine asks a :class:`Backend` for a :class:`TokenStream`
-(``model.py`` has the simulated one; ``upstream.py`` will proxy a real
+(``model.py`` has the simulated one; ``upstream.py`` proxies a real
 server).  This module holds only the shapes they exchange -- the request, the
 simulation knobs, the failure -- and imports nothing that does I/O, so the
 pure modules that validate requests and build messages (``chat_request.py``,
@@ -29,6 +29,11 @@ A stream may also have a ``close()`` (plain, not async): the engine calls it
 once the generation ends, however it ends, so a stream that holds something
 open -- ``upstream.py``'s request to a real model -- lets go of it at once,
 and a cancelled generation stops the real model too (lesson 14).
+
+And it may have an ``async opened()``: it returns once the stream has
+started (``upstream_stream.py``: the upstream answered 200) and raises the
+:class:`ModelError` if it never will, so that a route can still answer
+with a status line (``Generation.opened``, which bounds the wait).
 """
 
 from __future__ import annotations

@@ -33,18 +33,21 @@ events: ``done`` (the model finished), ``error(code)`` (it failed), or
 ``cancelled(reason)``: someone called :meth:`Generation.cancel` -- a
 WebSocket ``cancel`` message, shutdown, or the writer itself, whose
 ``finally`` finds the generation not :attr:`~Generation.finished` because
-the client went away first.  The active-generations gauge is decremented
-there and only there.
+the client went away first, or, for a writer that never ran, the end of the
+request that started it (:meth:`Engine.serving`).  The active-generations
+gauge is decremented there and only there.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -337,6 +340,47 @@ class Generation:
         self._stream = self._engine.backend.start(self.request)
         self._admitted.set()
 
+    # region: generation-opened
+    async def opened(self, timeout: float, headers: dict[str, str] | None = None) -> None:
+        """Before a streamed response starts: wait, at most ``timeout``
+        seconds, until the model's stream has started, so that a model that
+        cannot start at all -- an upstream that refuses the connection, our
+        key or the request (``upstream.py``, lesson 14) -- gets a status
+        line of its own (an :class:`APIError`, ``headers`` on it), not a 200
+        and then an error event (lesson 07).
+
+        It waits only for a generation admitted at once whose stream has an
+        ``opened()``; a queued one, or the simulated model, returns at once.
+        Past ``timeout`` -- the heartbeat interval: longer, and the client
+        would have heard a ``: ping`` by then -- it returns too, the
+        response starts, and heartbeats cover the rest of the wait, as
+        before.  A cancel (shutdown) raises its status; a caller cancelled
+        here (its client left) cancels the generation on its way out.
+        """
+        opened = getattr(self._stream, "opened", None)
+        if opened is None or not self._admitted.is_set() or self.finished:
+            return
+        try:
+            until = min(trio.current_time() + timeout, self._deadline)
+            with trio.CancelScope(deadline=until) as self._scope:  # cancel() cancels it too
+                try:
+                    await opened()
+                except Exception as err:
+                    self._error = self._failure(err)
+        except trio.Cancelled:  # not ours: the caller's (its client left)
+            self.cancel("client_disconnect")
+            raise
+        finally:
+            self._scope = None
+        if self._cancel_reason is not None:
+            err = errors.cancelled_error(self._cancel_reason)
+            raise errors.failure_status(err, self._engine.retry_after, headers or {})
+        if self._error is not None:
+            self._end("error", self._error.code)
+            raise errors.failure_status(self._error, self._engine.retry_after, headers or {})
+
+    # endregion: generation-opened
+
     def fail(self, bug: Exception) -> ModelError:
         """A writer's own bug mid-stream: logged with its traceback and
         recorded as ``error(internal_error)``, like a bug in a backend; the
@@ -379,6 +423,13 @@ class Generation:
             completion_tokens=self.completion_tokens,
             finish_reason=self.finish_reason,
         )
+
+
+#: The generations started by the request being served in this context
+#: (each task copies its parent's context, so a route's tasks see it).
+_SERVING: contextvars.ContextVar[list[Generation] | None] = contextvars.ContextVar(
+    "refimpl_serving", default=None
+)
 
 
 class Engine:
@@ -438,6 +489,8 @@ class Engine:
         gen = Generation(self, request, protocol)
         if self.limits is not None:
             self.limits.track(client, gen)  # counted until it ends, however
+        if (owned := _SERVING.get()) is not None:  # ends with its request at the latest (serving)
+            owned[:] = [*(g for g in owned if not g.finished), gen]
         self.metrics.generations.inc()
         if self._idle.is_set():
             self._idle = trio.Event()
@@ -458,6 +511,32 @@ class Engine:
 
     def get(self, gen_id: str) -> Generation | None:
         return self.active.get(gen_id) or self.queued.get(gen_id) or self._recent.get(gen_id)
+
+    # region: request-owns-generations
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around one request (or one WebSocket, ``app.serve()``): what it
+        starts ends with it.  A writer ends its generation in its ``finally``,
+        but only a writer that ran: Quart iterates a streamed body after the
+        route returned (after :meth:`start`) and after the response's first
+        ``send``, and a client that leaves in between cancels the request
+        before the body's ``try`` is entered.  Its generation then ran on,
+        pulled by no one, for good: the active gauge stuck at 1 after a
+        fault load (lesson 14; one hang-up with RST right after the request
+        did it every time).  So a generation its request left running is
+        one whose client is gone: cancelled (``client_disconnect``).  A
+        resumable stream's is meant to outlive its request (lesson 11)."""
+        owned: list[Generation] = []
+        token = _SERVING.set(owned)
+        try:
+            yield
+        finally:
+            _SERVING.reset(token)
+            for gen in owned:
+                if not gen.finished and not gen.resumable:
+                    gen.cancel("client_disconnect")
+
+    # endregion: request-owns-generations
 
     async def wait_idle(self) -> None:
         """Return once no generation runs or waits (graceful shutdown's drain)."""

@@ -282,6 +282,7 @@ SANS_IO_MODULES = [
     "refimpl.backend",
     "refimpl.jsonwire",
     "refimpl.patterns.errors",
+    "refimpl.upstream_chunks",
 ]
 IO_LIBRARIES = {"trio", "quart", "httpx", "anyio", "selectors", "hypercorn", "asyncio", "socket", "ssl"}
 

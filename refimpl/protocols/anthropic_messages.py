@@ -197,7 +197,7 @@ def register(app: Quart, engine: Engine) -> None:
         gen = engine.start(params.model_request, "sse" if params.stream else "http")
         headers = {"X-Request-Id": gen.id, "request-id": gen.id}
         if params.stream:  # sse_chat's writer, this module's words
-            return stream_response(app, gen, EventFramer(gen), params.backpressure, headers)
+            return await stream_response(app, gen, EventFramer(gen), params.backpressure, headers)
         text = await collect(gen, headers, config)  # a failure is a status: app.py shapes it
         content = [{"type": "text", "text": text}]
         return json_response(

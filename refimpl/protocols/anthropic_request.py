@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..backend import ModelRequest, Simulate
+from ..backend import ModelRequest, Simulate, serves
 from ..patterns.errors import APIError
 from .chat_request import bad_request, parse_backpressure, parse_simulate
 
@@ -121,7 +121,7 @@ def parse_messages_request(body: Any, *, served_model: str, defaults: Simulate) 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model: a model name is required.", "model", "missing_required_parameter")
-    if model != served_model:
+    if not serves(served_model, model):  # an upstream's names too (backend.ModelNames)
         raise APIError(404, f"model: {model} (this server serves {served_model!r}).", param="model")
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:

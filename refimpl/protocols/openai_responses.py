@@ -258,7 +258,9 @@ def register(app: Quart, engine: Engine) -> None:
             raise
         headers = {"X-Request-Id": gen.id}
         if params.stream:  # sse_chat's writer, this module's words
-            return stream_response(app, gen, ResponseEvents(gen, params.echo), params.backpressure, headers)
+            return await stream_response(
+                app, gen, ResponseEvents(gen, params.echo), params.backpressure, headers
+            )
         text = await collect(gen, headers, config)  # a failure is a status, as on Chat Completions
         status = finished_status(gen)
         item = message_item(item_id(gen), text, status)

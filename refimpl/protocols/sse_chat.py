@@ -199,17 +199,23 @@ def register(app: Quart, engine: Engine) -> None:
         if not params.stream:
             return await complete(gen, headers, config)
         if params.resumable:  # lesson 11: a producer task and a log
+            await gen.opened(config.heartbeat, headers)  # as in stream_response
             return resume_routes.start(app, gen, params, headers)
-        return stream_response(app, gen, ChunkFramer(gen, params.include_usage), params.backpressure, headers)
+        framer = ChunkFramer(gen, params.include_usage)
+        return await stream_response(app, gen, framer, params.backpressure, headers)
 
 
 # region: sse-response
-def stream_response(
+async def stream_response(
     app: Quart, gen: Generation, framer: Framer, policy: str | None, headers: dict[str, str]
 ) -> Response:
     """A streamed answer in any dialect: ``framer``'s bytes, written by
     :func:`stream_chunks` under the request's backpressure ``policy``."""
     config = app.config["REFIMPL"]
+    # A model that cannot start at all (an upstream that refuses us, lesson
+    # 14) still gets a status line of its own, not a 200 and an error event;
+    # the wait is at most one heartbeat interval, then the stream starts.
+    await gen.opened(config.heartbeat, headers)
     # coalesce's producer lives in the app's nursery: it must not be
     # held open across the body generator's yields (DESIGN §4).
     flow = backpressure.flow(gen, policy, config, app.nursery)

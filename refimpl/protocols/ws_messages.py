@@ -110,6 +110,7 @@ def parse_client_message(data: str | bytes | None, *, model: str, defaults: Simu
             model=model,
             max_tokens=max_tokens,
             simulate=parse_simulate(body.get("simulate"), defaults),
+            simulate_sent=body.get("simulate") or None,  # a proxy passes it on (upstream.py)
         ),
         parse_backpressure(body.get("backpressure")),
     )
