@@ -7,7 +7,9 @@ This module only *assembles*: it builds the shared pieces (the backend, the
 register its routes on the app.  The small endpoints that every protocol
 shares live here too: ``GET /v1/models``, ``GET /metrics`` (Prometheus text),
 ``GET /v1/debug/generations/{id}`` (one generation's trace, the way tests,
-lessons and notebooks observe the server), and ``GET /`` (the demo page).
+lessons and notebooks observe the server), ``GET /v1/debug/generations``
+(every running or queued generation, each with its trace: what holds
+``refimpl_active_generations`` up), and ``GET /`` (the demo page).
 
 Errors before a stream starts all leave through the handlers below in the
 OpenAI error shape (``patterns/errors.py``): our own :class:`APIError`, the
@@ -124,6 +126,13 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(engine.metrics.render(), content_type=engine.metrics.content_type)
+
+    @app.get("/v1/debug/generations")
+    async def debug_running() -> Response:
+        # What holds the active gauge up, each with its trace: a generation
+        # that stays here long after its client left is a leak (lesson 14).
+        running = [*engine.active.values(), *engine.queued.values()]
+        return json_response({"object": "list", "data": [gen.to_json() for gen in running]})
 
     @app.get("/v1/debug/generations/<gen_id>")
     async def debug_generation(gen_id: str) -> Response:
@@ -255,6 +264,20 @@ def hypercorn_config(
     return hc
 
 
+def owning_generations(asgi: Callable, engine: Engine) -> Callable:
+    """Outermost: each request (each WebSocket) ends the generations it
+    started and left running, whichever protocol and middleware ran it
+    (``Engine.serving``: a client that left before the body started)."""
+
+    async def owning(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            return await asgi(scope, receive, send)
+        with engine.serving():
+            await asgi(scope, receive, send)
+
+    return owning
+
+
 async def serve(
     app: QuartTrio,
     host: str = "127.0.0.1",
@@ -296,6 +319,7 @@ async def serve(
         app.extensions["refimpl.connection_limits"] = connection_limits
     if "refimpl.engine" in app.extensions:  # every protocol's bytes pass here (metrics.py)
         asgi = count_sent(asgi, app.extensions["refimpl.engine"].metrics)
+        asgi = owning_generations(asgi, app.extensions["refimpl.engine"])
 
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         await hypercorn_serve(

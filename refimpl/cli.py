@@ -276,6 +276,13 @@ def _production_flags(p: argparse.ArgumentParser, d: Config) -> None:
         help="seconds a client may take to send its request body (then 408, closed)",
     )
     g.add_argument(
+        "--keep-alive-timeout",
+        metavar="S",
+        type=float,
+        default=d.keep_alive_timeout,
+        help="seconds an idle keep-alive connection waits for its next request (longer than clients' own, httpx: 5)",
+    )
+    g.add_argument(
         "--cors-origin",
         metavar="ORIGIN",
         action="append",
@@ -351,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_connections_per_client=args.max_connections_per_client,
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
         cors_origins=tuple(args.cors_origin or ()),
     )
 

@@ -129,6 +129,10 @@ class Config:
     # request headers and its body (408, close): hypercorn_limits.py.
     max_connections_per_client: int = 256
     header_timeout: float = 10.0
+    # Seconds an idle keep-alive connection stays open for its next request;
+    # longer than clients' own pool expiry (httpx: 5 s), so that the client,
+    # not the server, closes it (hypercorn_limits.py says why).
+    keep_alive_timeout: float = 20.0
     body_timeout: float = 30.0
     # Origins a browser page may call this server from (CORS); empty: none
     # but the server's own; "*": any.

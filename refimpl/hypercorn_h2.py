@@ -69,6 +69,19 @@ that way).  We override ``push``, ``pop`` and ``stream_send`` and rely on
 builds the buffers); :data:`WRITTEN_FOR` fingerprints all seven, and
 ``hypercorn_patches.install()`` checks them and calls :func:`install`.
 Lesson 06 (HTTP/2) teaches this; lesson 10 the backpressure it keeps.
+
+Data for a finished stream (lesson 14).  Once a stream's response is
+complete hypercorn forgets the stream, but its client may still be sending
+the request body: legal, the stream is only half-closed (RFC 9113 §8.1),
+and it happens after every early answer (a 408, 404, 413 or 401 sent before
+the body was read).  hypercorn looked the stream up for that DATA
+(``_handle_events``), failed with ``KeyError``, and the exception ended the
+whole server (measured over h2c and TLS, ``/tmp/issue14/timeouts.md``).
+:class:`FinishedStreams`, the protocol's table of streams, answers for a
+stream it no longer holds with a stand-in that drops the data; hypercorn
+still acknowledges it for flow control.  (``REFIMPL_H2_FLOW=0``, stock
+classes, gives the crash back; ``hypercorn_contain.py`` would then keep it
+to one connection.)
 """
 
 from __future__ import annotations
@@ -94,6 +107,8 @@ WRITTEN_FOR = {
     "H2Protocol._create_stream": "91eb123ddf247ede",
 }
 # endregion: h2-written-for
+#: And those the fix for data on a finished stream overrides or relies on (lesson 14).
+WRITTEN_FOR |= {"H2Protocol.__init__": "d577a96e2eb647a4", "H2Protocol._handle_events": "3378aef0a2348f0d"}
 
 #: The largest write buffered whole: one DATA frame of the default maximum
 #: size (RFC 9113 §4.2, 16,384 bytes).
@@ -135,6 +150,26 @@ class FlowStreamBuffer(STOCK_STREAM_BUFFER):
 # endregion: h2-stream-buffer
 
 
+# region: h2-finished-streams
+class _FinishedStream:
+    """Stands in for an HTTP/2 stream whose response is complete: the client
+    may go on sending its body (RFC 9113 §8.1); it goes nowhere."""
+
+    async def handle(self, event: object) -> None:
+        return None
+
+
+class FinishedStreams(dict):
+    """hypercorn's ``H2Protocol.streams``: a stream it no longer holds is one
+    it finished; hypercorn still acknowledges the data (flow control)."""
+
+    def __missing__(self, stream_id: int) -> _FinishedStream:
+        return _FinishedStream()
+
+
+# endregion: h2-finished-streams
+
+
 # region: h2-protocol
 class FlowH2Protocol(STOCK_H2_PROTOCOL):
     """hypercorn's HTTP/2 protocol, which buffers a large write a piece at a time."""
@@ -152,8 +187,11 @@ class FlowH2Protocol(STOCK_H2_PROTOCOL):
             piece = bytes(whole[start : start + PIECE])
             await super().stream_send(type(event)(stream_id=event.stream_id, data=piece))
 
+    # endregion: h2-protocol
 
-# endregion: h2-protocol
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams = FinishedStreams(self.streams)  # data for a finished stream: dropped (above)
 
 
 def fingerprints() -> dict[str, str]:
@@ -168,6 +206,8 @@ def fingerprints() -> dict[str, str]:
         "H2Protocol._send_data": STOCK_H2_PROTOCOL._send_data,
         "H2Protocol._window_updated": STOCK_H2_PROTOCOL._window_updated,
         "H2Protocol._create_stream": STOCK_H2_PROTOCOL._create_stream,
+        "H2Protocol.__init__": STOCK_H2_PROTOCOL.__init__,
+        "H2Protocol._handle_events": STOCK_H2_PROTOCOL._handle_events,
     }
     return {name: _fingerprint(method) for name, method in methods.items()}
 

@@ -51,12 +51,9 @@ How it is wired.  Nothing refimpl patches elsewhere is touched: hypercorn's
 HTTP/1.1 protocol becomes :class:`TimedH11Protocol`, which runs the clock.
 The settings ride on hypercorn's config object (:func:`configure`), so each
 server in a process has its own; a config without them behaves like stock
-hypercorn apart from the two fixes above and the one below.  HTTP/2 has a
-fix of its own: DATA for a stream whose response is already complete (a
-client still uploading after our 408, 404 or 413) made hypercorn look the
-stream up, fail with ``KeyError``, and take the whole server down.
-:class:`_FinishedStreams` answers for such a stream with a stand-in that
-drops the data.  :data:`WRITTEN_FOR` fingerprints every hypercorn method
+hypercorn apart from the two fixes above.  (Over HTTP/2 a client still
+uploading after our 408, 404 or 413 took the server down: that fix is
+``hypercorn_h2.py``'s.)  :data:`WRITTEN_FOR` fingerprints every hypercorn method
 overridden or relied on; ``tests/test_slow_requests.py`` fails when one
 changes.  Lesson 14 explains this module.
 """
@@ -72,7 +69,6 @@ from typing import TYPE_CHECKING
 
 import h11
 import hypercorn.protocol as hypercorn_protocol
-import hypercorn.protocol.h2 as hypercorn_h2
 import hypercorn.trio.tcp_server as hypercorn_tcp
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -100,7 +96,6 @@ WRITTEN_FOR = {
     "H11Protocol._handle_events": "bd4a76b2837e8722",
     "H11Protocol._maybe_recycle": "3ac53f52bc4e65de",
     "H11Protocol.stream_send": "56a36254a368d71a",
-    "H2Protocol._handle_events": "3378aef0a2348f0d",
     "TCPServer.run": "fd34b021d1a86c98",
     "TCPServer.protocol_send": "225856426bff7be0",
     "TCPServer._close": "bc73c4ae25a1ceec",
@@ -123,12 +118,18 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections_per_client: int = 256  # 0: no cap
+    keep_alive_timeout: float = 20.0
     open: collections.Counter[str] = field(default_factory=collections.Counter)
     refused: int = 0  # connections closed at once for being over the cap
 
     @classmethod
     def of(cls, config: Config) -> ConnectionLimits:
-        return cls(config.header_timeout, config.body_timeout, config.max_connections_per_client)
+        return cls(
+            config.header_timeout,
+            config.body_timeout,
+            config.max_connections_per_client,
+            config.keep_alive_timeout,
+        )
 
     def admit(self, address: str | None) -> bool:
         if address is None or self.max_connections_per_client <= 0:
@@ -153,6 +154,13 @@ def configure(hc: HypercornConfig, limits: ConnectionLimits) -> None:
     # hypercorn's 60 s.  hypercorn's read_timeout must stay None: it would
     # end every SSE stream whose client, rightly, sends nothing.
     hc.ssl_handshake_timeout = limits.header_timeout
+    # An idle keep-alive connection is closed by the *client* first: a server
+    # that closes at the moment a client reuses the connection loses that
+    # request (a POST is not retried).  hypercorn's 5 s equals httpx's (and
+    # so the openai SDK's) pool expiry, and under load the fault run lost
+    # ~1 % of pooled streams to that race; 20 s outlasts httpx's 5 s and
+    # Node's 4 s (lesson 14, "timeouts at every hop").
+    hc.keep_alive_timeout = limits.keep_alive_timeout
 
 
 # region: timeout-response
@@ -268,14 +276,13 @@ class TimedH11Protocol(H11Protocol):
 # region: connection-cap
 class GuardedConnection(ProtocolWrapper):
     """hypercorn's per-connection protocol switch, counting connections per
-    client address, and guarding HTTP/2 against DATA for finished streams."""
+    client address."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.limits: ConnectionLimits | None = getattr(self.config, CONFIG_ATTR, None)
         self._address = self.client[0] if self.client else None
         self._counted = False  # this connection holds one of its address's slots
-        _guard_h2(self.protocol)
 
     async def initiate(self) -> None:
         if self.limits is not None:
@@ -300,37 +307,10 @@ class GuardedConnection(ProtocolWrapper):
             # hypercorn's idle timer started after us, and its task would
             # wait for it, up to keep_alive_timeout: stop it.
             await self.send(Updated(idle=False))
-        result = await super().handle(event)
-        _guard_h2(self.protocol)  # h2c and prior knowledge switch protocols here
-        return result
+        return await super().handle(event)
 
 
 # endregion: connection-cap
-
-
-# region: h2-finished-streams
-class _FinishedStream:
-    """Stands in for an HTTP/2 stream whose response is complete: the client
-    may go on sending its body (RFC 9113 §8.1); it goes nowhere."""
-
-    async def handle(self, event: object) -> None:
-        return None
-
-
-class _FinishedStreams(dict):
-    """hypercorn's ``H2Protocol.streams``: a stream it no longer holds is one
-    it finished; hypercorn still acknowledges the data (flow control)."""
-
-    def __missing__(self, stream_id: int) -> _FinishedStream:
-        return _FinishedStream()
-
-
-def _guard_h2(protocol: object) -> None:
-    if isinstance(protocol, hypercorn_h2.H2Protocol) and type(protocol.streams) is dict:
-        protocol.streams = _FinishedStreams(protocol.streams)
-
-
-# endregion: h2-finished-streams
 
 
 def fingerprints() -> dict[str, str]:
@@ -345,7 +325,6 @@ def fingerprints() -> dict[str, str]:
         "H11Protocol._handle_events": STOCK_H11._handle_events,
         "H11Protocol._maybe_recycle": STOCK_H11._maybe_recycle,
         "H11Protocol.stream_send": STOCK_H11.stream_send,
-        "H2Protocol._handle_events": hypercorn_h2.H2Protocol._handle_events,
         "TCPServer.run": hypercorn_tcp.TCPServer.run,
         "TCPServer.protocol_send": hypercorn_tcp.TCPServer.protocol_send,
         "TCPServer._close": hypercorn_tcp.TCPServer._close,

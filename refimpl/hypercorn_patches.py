@@ -6,7 +6,10 @@ refimpl runs on stock hypercorn (its trio worker), and changes three things
 about it that no configuration can: a faster write path for token streams,
 a watchdog under each WebSocket and each SSE response, and HTTP/2 flow
 control that pauses a stream whose window is closed (``hypercorn_h2.py``,
-installed from here; lesson 06).  The first two are
+installed from here; lesson 06).  Also installed from here, each in a module
+of its own (lesson 14): a clock on slow requests and a cap on connections per
+address (``hypercorn_limits.py``), and a connection whose failure ends that
+connection, not the server (``hypercorn_contain.py``).  The first two are
 subclasses of hypercorn classes that override methods hypercorn does not
 promise to keep, and both must replace hypercorn's own classes process-wide,
 since hypercorn creates those objects itself.  Such patches are safe only while the code under them
@@ -93,7 +96,9 @@ and make each one a longer wait in a busy scheduler, which shows as a
 slightly longer ITL tail.
 
 ``REFIMPL_FASTWRITE=0`` in the environment (``refimpl bench
---no-fastwrite``) keeps the stock class.
+--no-fastwrite``) keeps hypercorn's write path: the class is then
+``hypercorn_contain.ContainedTCPServer``, which the fast path extends (one
+connection's failure ends that connection only; always installed).
 
 2. The watchdog (lesson 03): keepalive pings, dead peers, stalled readers
 =========================================================================
@@ -207,7 +212,7 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
-from . import hypercorn_h2, hypercorn_limits
+from . import hypercorn_contain, hypercorn_h2, hypercorn_limits
 from .patterns import heartbeat
 
 log = logging.getLogger("refimpl")
@@ -229,12 +234,15 @@ WRITTEN_FOR = {
     "H11Protocol._maybe_recycle": "3ac53f52bc4e65de",
     "worker_serve": "8dc8347a9fc357ca",
     **hypercorn_h2.WRITTEN_FOR,  # HTTP/2 flow control: hypercorn_h2.py
+    **hypercorn_contain.WRITTEN_FOR,  # one connection's failure: hypercorn_contain.py
 }
 # endregion: written-for
 
 #: Writes between two forced trips through the scheduler (see above).
 YIELD_EVERY = 8
 STOCK_TCP_SERVER = TCPServer
+#: What runs each connection without the fast path (hypercorn_contain.py).
+CONTAINED_TCP_SERVER = hypercorn_contain.ContainedTCPServer
 STOCK_WS_STREAM = WSStream
 STOCK_HTTP_STREAM = HTTPStream
 #: The ASGI scope key a route sets to a :class:`Watchdog` before it accepts
@@ -244,8 +252,9 @@ SCOPE_KEY = "refimpl.watchdog"
 
 # -- 1. the write fast path ------------------------------------------------------
 # region: fast-write
-class FastTCPServer(TCPServer):
-    """hypercorn's trio ``TCPServer`` with a non-blocking write fast path."""
+class FastTCPServer(CONTAINED_TCP_SERVER):
+    """hypercorn's trio ``TCPServer`` (contained: ``hypercorn_contain.py``) with a
+    non-blocking write fast path."""
 
     _writes = 0
 
@@ -558,6 +567,7 @@ def fingerprints() -> dict[str, str]:
         "version": version("hypercorn"),
         **{name: _fingerprint(f) for name, f in methods.items()},
         **hypercorn_h2.fingerprints(),
+        **hypercorn_contain.fingerprints(),
     }
 
 
@@ -570,12 +580,13 @@ def install(fastwrite: bool | None = None) -> bool:
     ``hypercorn_h2.py`` instead (off with ``REFIMPL_H2_FLOW=0``).
 
     ``fastwrite=None`` reads ``REFIMPL_FASTWRITE`` (anything but ``0`` means
-    on); ``False`` keeps hypercorn's own ``TCPServer``.  The batched accept
+    on); ``False`` keeps hypercorn's own write path (``ContainedTCPServer``,
+    ``hypercorn_contain.py``, which is installed either way).  The batched accept
     is on unless ``REFIMPL_BATCH_ACCEPT=0`` (for measuring it, lesson 13).
     Idempotent and cheap, so ``serve()`` calls it each time a server starts.
     """
     if (
-        hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, FastTCPServer)
+        hypercorn_run.TCPServer not in (STOCK_TCP_SERVER, CONTAINED_TCP_SERVER, FastTCPServer)
         or hypercorn_h11.WSStream not in (STOCK_WS_STREAM, WatchedWSStream)
         or hypercorn_h11.HTTPStream not in (STOCK_HTTP_STREAM, WatchedHTTPStream)
         or hypercorn_run.trio not in (trio, _TRIO_WITH_BATCHED_ACCEPT)
@@ -597,7 +608,7 @@ def install(fastwrite: bool | None = None) -> bool:
     hypercorn_limits.install()  # slow requests, connections per address: hypercorn_limits.py
     if fastwrite is None:
         fastwrite = os.environ.get("REFIMPL_FASTWRITE", "1") != "0"
-    hypercorn_run.TCPServer = FastTCPServer if fastwrite else STOCK_TCP_SERVER
+    hypercorn_run.TCPServer = FastTCPServer if fastwrite else CONTAINED_TCP_SERVER
     if os.environ.get("REFIMPL_BATCH_ACCEPT", "1") != "0":
         hypercorn_run.trio = _TRIO_WITH_BATCHED_ACCEPT
     else:

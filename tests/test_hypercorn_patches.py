@@ -34,6 +34,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from refimpl import hypercorn_h2, hypercorn_patches
+from refimpl.hypercorn_contain import ContainedTCPServer
 from refimpl.hypercorn_patches import WRITTEN_FOR, FastTCPServer, WatchedWSStream
 
 
@@ -137,12 +138,14 @@ def test_install_is_silent_when_hypercorn_is_unchanged(caplog):
 def test_install_is_explicit_idempotent_and_reversible(monkeypatch):
     assert hypercorn_patches.install(True) and hypercorn_patches.install(True)
     assert hypercorn_run.TCPServer is FastTCPServer and hypercorn_h11.WSStream is WatchedWSStream
-    assert not hypercorn_patches.install(False) and hypercorn_run.TCPServer is TCPServer
+    # Without the fast path, hypercorn's write path, still contained
+    # (hypercorn_contain.py: one connection's failure never ends the server).
+    assert not hypercorn_patches.install(False) and hypercorn_run.TCPServer is ContainedTCPServer
     # Without the fast path the watchdog stays: a route that puts no Watchdog
     # in its scope gets stock behaviour from it.
     assert hypercorn_h11.WSStream is WatchedWSStream
     monkeypatch.setenv("REFIMPL_FASTWRITE", "0")
-    assert not hypercorn_patches.install() and hypercorn_run.TCPServer is TCPServer
+    assert not hypercorn_patches.install() and hypercorn_run.TCPServer is ContainedTCPServer
     monkeypatch.setenv("REFIMPL_FASTWRITE", "1")
     assert hypercorn_patches.install() and hypercorn_run.TCPServer is FastTCPServer
 
