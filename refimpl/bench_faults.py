@@ -75,6 +75,7 @@ class Plan:
     drip: float = 0.5
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    keep_alive_timeout: float = 20.0
 
 
 HELP = {
@@ -85,6 +86,7 @@ HELP = {
     "drip": "seconds between two bytes of a slowloris",
     "header_timeout": "the server's --header-timeout",
     "body_timeout": "the server's --body-timeout",
+    "keep_alive_timeout": "the server's --keep-alive-timeout (5: hypercorn's own, which loses pooled POSTs)",
 }
 
 
@@ -258,6 +260,7 @@ def server_flags(plan: Plan) -> list[str]:
         *("--max-streams-per-client", room, "--max-connections-per-client", room),
         *("--max-queue", room, "--header-timeout", f"{plan.header_timeout:g}"),
         *("--body-timeout", f"{plan.body_timeout:g}"),
+        *("--keep-alive-timeout", f"{plan.keep_alive_timeout:g}"),
     ]
 
 

@@ -44,7 +44,7 @@ from refimpl.config import Config
 from refimpl.patterns.errors import FAILURES
 from refimpl.sse import SSEParser
 
-EXAMPLES = int(os.environ.get("REFIMPL_FUZZ_EXAMPLES", 300))
+EXAMPLES = int(os.environ.get("REFIMPL_FUZZ_EXAMPLES", 600))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,  # the server shares the machine: time is not the property
