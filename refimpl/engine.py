@@ -110,6 +110,7 @@ class Generation:
         self.request = request
         self.protocol = protocol
         self.resumable = False  # its events are logged for a resume (patterns/resume.py)
+        self._pulled = False  # a writer has asked for a token (Engine.serving)
         self.trace = Trace(self.id)
         self._engine = engine
         # Stamp "accepted" before the model starts, so that the model's own
@@ -207,6 +208,7 @@ class Generation:
         :meth:`cancel`, and the model's ``next()`` is cancel-safe, so a
         timeout loses no token.
         """
+        self._pulled = True
         self._raise_pending_error()
         silent_at = trio.current_time() + timeout
         until = min(silent_at, self._deadline)
@@ -242,6 +244,7 @@ class Generation:
         tokens, those are still returned and the error is raised by the next
         call: nothing already made is lost.
         """
+        self._pulled = True
         if self._cancel_reason is not None:  # cancelled: the model is stopped
             raise GenerationCancelled(self._cancel_reason)
         tokens = self._drain(limit)
@@ -523,9 +526,12 @@ class Engine:
         before the body's ``try`` is entered.  Its generation then ran on,
         pulled by no one, for good: the active gauge stuck at 1 after a
         fault load (lesson 14; one hang-up with RST right after the request
-        did it every time).  So a generation its request left running is
-        one whose client is gone: cancelled (``client_disconnect``).  A
-        resumable stream's is meant to outlive its request (lesson 11)."""
+        did it every time).  So a generation its request left running and
+        no writer ever pulled is one whose client is gone: cancelled
+        (``client_disconnect``).  One a writer pulled is that writer's to
+        end -- lesson 09's zombie, which never does, stays a zombie to
+        study -- and a resumable stream's is meant to outlive its request
+        (lesson 11)."""
         owned: list[Generation] = []
         token = _SERVING.set(owned)
         try:
@@ -533,7 +539,7 @@ class Engine:
         finally:
             _SERVING.reset(token)
             for gen in owned:
-                if not gen.finished and not gen.resumable:
+                if not gen.finished and not gen.resumable and not gen._pulled:
                     gen.cancel("client_disconnect")
 
     # endregion: request-owns-generations

@@ -237,7 +237,15 @@ class EditedProxy(NginxProxy):
 HTTP_1_0 = ("proxy_http_version 1.1;", "proxy_http_version 1.0;")
 
 
-async def test_with_http_1_0_upstream_a_finished_stream_stays_open_until_the_read_timeout(server, nginx):
+async def test_with_http_1_0_upstream_stock_hypercorn_keeps_a_finished_stream_open(
+    start_server, nginx, monkeypatch
+):
+    """The broken version, hypercorn's own classes (``REFIMPL_LIMITS=0``):
+    an HTTP/1.0 response can end only with the connection, and hypercorn's
+    close after the last event is cancelled half-way (lesson 14), so nginx
+    waits for its read timeout and cuts a finished stream."""
+    monkeypatch.setenv("REFIMPL_LIMITS", "0")  # read by serve()'s install()
+    server = await start_server()
     proxy = EditedProxy(server.url, *HTTP_1_0, read_timeout=READ_TIMEOUT)
     async with proxy as url:
         rec = await record(url, chat_body(), timeout=30)
@@ -247,6 +255,18 @@ async def test_with_http_1_0_upstream_a_finished_stream_stays_open_until_the_rea
     assert (rec.ending, rec.error) == ("cut", CUT)  # ... then the read timeout
     assert "upstream timed out" in case.nginx_errors
     assert case.names[-1] == "done"
+
+
+async def test_with_http_1_0_upstream_a_finished_stream_ends_with_its_connection(server, nginx):
+    """Ours closes the connection after the last event (``hypercorn_limits.py``),
+    which is how an HTTP/1.0 body ends: nginx ends the response at once."""
+    proxy = EditedProxy(server.url, *HTTP_1_0, read_timeout=READ_TIMEOUT)
+    async with proxy as url:
+        rec = await record(url, chat_body(), timeout=30)
+    case = Case(rec, await server.trace(rec.id), proxy.errors)
+    assert rec.arrivals[-1].kind == "done" and len(case.tokens()) == 24
+    assert (rec.ending, rec.error) == ("done", None)
+    assert "upstream timed out" not in case.nginx_errors
 
 
 async def test_our_client_raises_incomplete_when_nginx_cuts_the_stream(start_server, nginx):
