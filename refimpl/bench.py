@@ -26,7 +26,9 @@ The scenarios are ``overhead`` (the default), ``paced`` and ``burst``
 (``bench_scenarios.py``), and two measurements of another kind, ``cancel``
 (alias ``disconnect``: how soon a client's hang-up stops the model) and
 ``backpressure`` (alias ``stalled``: the server's memory while a client
-reads nothing).  This module is the command: it runs every server at every
+reads nothing); ``protocols`` (lesson 12), ``resume`` (lesson 11) and
+``faults`` (lesson 14: misbehaving clients against one server, and the
+invariants that must hold) have modules of their own.  This module is the command: it runs every server at every
 ``--streams``, ``--repeat`` times with the servers' order alternating, so
 that neither always runs on a "warmer" machine, draws a progress bar on
 stderr, prints the table of medians on stdout and writes the results folder

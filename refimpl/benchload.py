@@ -178,6 +178,9 @@ def server_command(
         # The peers admit every stream; refimpl's admission control (lesson 09,
         # default 1,024 at once) must not refuse what the bench asks for.
         serve += ["--max-concurrent", str(max(plan.streams, 1024))]
+        # Nor its per-address caps (lesson 14): every stream of the load
+        # comes from one address, 127.0.0.1, and the peers have no such cap.
+        serve += ["--max-streams-per-client", "0", "--max-connections-per-client", "0"]
         return [*serve, *knobs, "--batch-tokens", str(batch_tokens)]
     if not SERVERS[kind].exists():
         raise SystemExit(f"the {kind} peer is not at {SERVERS[kind]} (run from a source checkout)")

@@ -252,7 +252,7 @@ def _production_flags(p: argparse.ArgumentParser, d: Config) -> None:
         metavar="N",
         type=int,
         default=d.max_streams_per_client,
-        help="generations one client address may run at once (429 above)",
+        help="generations one client address may run at once (429 above; 0: no cap; behind a proxy every client has its address)",
     )
     g.add_argument(
         "--max-connections-per-client",

@@ -163,6 +163,11 @@ class Generation:
         """Ended, one way or another (done, error, or cancelled)."""
         return self.trace.finished
 
+    @property
+    def metrics(self) -> Metrics:
+        """The engine's metrics: a writer's own gauges (paused streams) go there."""
+        return self._engine.metrics
+
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

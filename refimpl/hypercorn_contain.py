@@ -10,7 +10,7 @@ of one job, wrong for a server, where a child is one client.  hypercorn
 catches what an *application* raises (``Error in ASGI Framework``) and
 ``OSError`` from the socket, and nothing else: any other exception from its
 own protocol code ends ``hypercorn.serve``, and every later client is refused.
-The fault-load fuzz found one (lesson 14, ``/tmp/issue14/faults-fuzz.md``).
+The server fuzz found one (lesson 14, ``tests/test_fuzz_server.py``).
 
 **The race.**  ``POST`` with ``Connection: close``, ``Content-Length: 10`` and
 a longer body, to a route that answers before it reads (a 415).  Two tasks of

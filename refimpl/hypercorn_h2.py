@@ -76,7 +76,7 @@ the request body: legal, the stream is only half-closed (RFC 9113 §8.1),
 and it happens after every early answer (a 408, 404, 413 or 401 sent before
 the body was read).  hypercorn looked the stream up for that DATA
 (``_handle_events``), failed with ``KeyError``, and the exception ended the
-whole server (measured over h2c and TLS, ``/tmp/issue14/timeouts.md``).
+whole server (measured over h2c and TLS; ``tests/test_slow_requests.py`` causes it).
 :class:`FinishedStreams`, the protocol's table of streams, answers for a
 stream it no longer holds with a stand-in that drops the data; hypercorn
 still acknowledges it for flow control.  (``REFIMPL_H2_FLOW=0``, stock

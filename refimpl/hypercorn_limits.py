@@ -37,7 +37,7 @@ may close a connection it finds too slow; §9.3: it should say so with
   lost to the reset our close then causes (RFC 9112 §9.6).  Clients see a
   connection error and retry later, which is what we want.
 
-What hypercorn 0.18 did (measured, ``/tmp/issue14/timeouts.md``): a stalled
+What hypercorn 0.18 did (measured; lesson 14's table): a stalled
 body was answered by Quart's ``BODY_TIMEOUT`` after 60 s, and then the
 connection stayed open for good.  The cause: hypercorn closes the socket from
 whichever task finished the response -- Quart's -- and the close first tells

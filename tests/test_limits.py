@@ -107,6 +107,17 @@ async def test_streams_per_address_are_limited_and_freed_when_one_ends(start_ser
     assert (await client.post(server.url + URL, json=chat_body())).status_code == 200
 
 
+async def test_no_cap_on_streams_per_address_when_it_is_0(start_server, client):
+    """``--max-streams-per-client 0``: no cap (the bench's load, all from
+    127.0.0.1; a proxy in front that does its own limiting)."""
+    server = await start_server(max_streams_per_client=0)
+    async with trio.open_nursery() as holders:
+        for _ in range(3):
+            await holders.start(hold_a_stream, client, server.url)
+        assert (await client.post(server.url + URL, json=chat_body())).status_code == 200
+        holders.cancel_scope.cancel()
+
+
 async def test_a_websocket_cancel_frees_the_slot(start_server, client):
     server = await start_server(max_streams_per_client=1)
     async with open_chat(server) as ws:

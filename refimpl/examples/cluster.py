@@ -164,6 +164,9 @@ class Cluster:
                 self.redis.start()
             self._dir = Path(tempfile.mkdtemp(prefix="refimpl-cluster-"))
             serve = [sys.executable, "-m", "refimpl", "serve", "--port", "0", "--store", self.redis.url]
+            # Behind nginx every client has nginx's address: the per-address
+            # caps (lesson 14) would count all of them as one client.
+            serve += ["--max-streams-per-client", "0", "--max-connections-per-client", "0"]
             for i in range(self.size):  # all start at once, then we wait for each
                 self.workers.append(Worker([*serve, *self.serve_args], self._dir / f"worker-{i + 1}.log"))
             for worker in self.workers:

@@ -115,7 +115,7 @@ def flow(gen: Generation, policy: str | None, config: Config, nursery: trio.Nurs
         made = Pause(gen)
     # The paused-streams gauge asks each flow at scrape time (metrics.py);
     # close() takes it out.
-    gen._engine.metrics.flows.add(made)
+    gen.metrics.flows.add(made)
     return made
 
 
@@ -174,7 +174,7 @@ class Pause:
 
     def close(self) -> None:
         self.gen.on_end = None
-        self.gen._engine.metrics.flows.discard(self)
+        self.gen.metrics.flows.discard(self)
 
     def held_back(self) -> bool:
         """Right now, a write has been blocked on the client for at least
@@ -285,7 +285,7 @@ class Coalesce:
 
     def close(self) -> None:
         self._scope.cancel()
-        self.gen._engine.metrics.flows.discard(self)
+        self.gen.metrics.flows.discard(self)
 
     def held_back(self) -> bool:
         """The buffer is at its cap: the model waits for the client."""
