@@ -41,7 +41,6 @@ import argparse
 import json
 import re
 import resource
-import signal
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from . import bench_fault_clients as clients
 from .bench_client import load_processes
 from .bench_report import environment, ms, percentile, write_results
 from .benchload import Plan as LoadPlan
-from .benchload import cpu_seconds, free_port, server_command, wait_until_up
+from .benchload import cpu_seconds, free_port, server_command, stop, wait_until_up
 
 LESSON_DATA = Path(__file__).resolve().parent.parent / "lessons" / "data" / "14-faults.json"
 SAMPLES = 10  # normal streams before and after the run, one at a time
@@ -302,14 +301,7 @@ async def with_server(plan: Plan) -> dict[str, Any]:
             }
             return result
         finally:
-            with trio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(15):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await stop(proc, grace=15)
 
 
 def _shape(line: str) -> str:

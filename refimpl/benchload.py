@@ -214,14 +214,20 @@ async def running_server(
             await wait_until_up(proc, url, log, every_worker=workers > 1)
             yield proc, url
         finally:
-            with trio.CancelScope(shield=True):
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await stop(proc, grace=10)
+
+
+async def stop(proc: trio.Process, grace: float) -> None:
+    """SIGTERM, ``grace`` seconds to drain, then SIGKILL; shielded, since it
+    runs in a ``finally`` that a cancellation may have brought us to."""
+    with trio.CancelScope(shield=True):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def wait_until_up(proc: trio.Process, url: str, log: Any, every_worker: bool = False) -> None:

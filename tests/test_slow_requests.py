@@ -14,9 +14,7 @@ which the server answers only once that timeout has run out.
 from __future__ import annotations
 
 import json
-import queue
 import ssl
-from collections.abc import Iterator
 from functools import partial
 
 import grpc
@@ -27,6 +25,7 @@ import httpx
 import pytest
 import trio
 from conftest import TEST_SIMULATE, Server, chat_body
+from test_grpc import Outbox  # the client side of a bidi call
 
 from refimpl import hypercorn_limits
 from refimpl.app import create_app, serve
@@ -231,17 +230,6 @@ async def test_the_connection_past_the_cap_is_closed_before_a_byte_is_read(start
 
 
 # -- gRPC: a bidi call's request body lasts as long as the call ---------------------
-class Outbox:
-    """The client's side of a bidi call: messages to send, then a half-close."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-
-    def __iter__(self) -> Iterator[pb.ClientMessage]:
-        while (message := self.queue.get()) is not None:
-            yield message
-
-
 async def test_a_bidi_grpc_call_idle_longer_than_the_body_timeout_survives(start_server):
     server = await limited(start_server)
     out, token = Outbox(), trio.lowlevel.current_trio_token()
