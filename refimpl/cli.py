@@ -446,6 +446,12 @@ def _print_welcome(config: Config, url: str, workers: int = 1) -> None:
     print(f'  websocket : {me} chat "Why stream tokens?" --url {url} --protocol ws')
     print(f'  gRPC      : {me} chat "Why stream tokens?" --url {url} --protocol grpc')
     print(f"  metrics   : {url}/metrics", flush=True)
+    print("  dialects  : also POST /v1/messages (Anthropic) and POST /v1/responses (OpenAI Responses)")
+    if config.upstream:  # upstream.py: a real model behind the same engine (lesson 14)
+        print(
+            f"  model     : streamed from {config.upstream} (GET {url}/v1/models lists its models)",
+            flush=True,
+        )
     if config.store:
         print(
             f"  resume    : resumable streams are logged in {config.store}, shared by every process",
