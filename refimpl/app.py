@@ -195,6 +195,8 @@ def create_app(config: Config | None = None, backend: Backend | None = None) -> 
         if status == 408:  # Quart's BODY_TIMEOUT (werkzeug's RequestTimeout)
             http1 = request.http_version.startswith("1")  # HTTP/2: one stream ends, not the connection
             api = request_timeout("body", config.body_timeout, close=http1)
+            if not http1:  # HTTP/1.1's are counted as they go out (hypercorn_limits.py)
+                engine.metrics.request_timeouts.labels(part="body").inc()
         return error_response(api)
 
     @app.errorhandler(Exception)
@@ -318,6 +320,8 @@ async def serve(
         connection_limits = hypercorn_limits.ConnectionLimits.of(app.config["REFIMPL"])
         app.extensions["refimpl.connection_limits"] = connection_limits
     if "refimpl.engine" in app.extensions:  # every protocol's bytes pass here (metrics.py)
+        if connection_limits is not None:  # its 408s and refusals, counted in /metrics
+            connection_limits.metrics = app.extensions["refimpl.engine"].metrics
         asgi = count_sent(asgi, app.extensions["refimpl.engine"].metrics)
         asgi = owning_generations(asgi, app.extensions["refimpl.engine"])
 

@@ -76,6 +76,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as IOEvent
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 
 from .jsonwire import dumps
@@ -83,6 +84,7 @@ from .patterns.errors import request_timeout
 
 if TYPE_CHECKING:
     from .config import Config
+    from .metrics import Metrics
 
 log = logging.getLogger("refimpl")
 
@@ -121,6 +123,7 @@ class ConnectionLimits:
     keep_alive_timeout: float = 20.0
     open: collections.Counter[str] = field(default_factory=collections.Counter)
     refused: int = 0  # connections closed at once for being over the cap
+    metrics: Metrics | None = None  # the app's /metrics (app.serve() sets it)
 
     @classmethod
     def of(cls, config: Config) -> ConnectionLimits:
@@ -136,6 +139,8 @@ class ConnectionLimits:
             return True
         if self.open[address] >= self.max_connections_per_client:
             self.refused += 1
+            if self.metrics is not None:
+                self.metrics.refused_connections.inc()
             return False
         self.open[address] += 1
         return True
@@ -246,6 +251,7 @@ class TimedH11Protocol(H11Protocol):
         self._clock = self._timing = None
         self._answered = True
         log.info("408: the request %s did not arrive within %g s from %s", part, seconds, self.client)
+        self._count_timeout(part)
         await self.send(RawData(data=_timeout_response(part, seconds)))
         await self.send(Closed())  # the socket closes, then the request's stream hears of it
 
@@ -254,7 +260,14 @@ class TimedH11Protocol(H11Protocol):
         # HTTP/1.1 it runs too, from the same moment, and may run out in
         # the same instant as our clock: only one 408 may go out.
         if not self._answered:
+            if isinstance(event, Response) and event.status_code == 408:  # Quart's won
+                self._count_timeout("body")
             await super().stream_send(event)
+
+    def _count_timeout(self, part: str) -> None:
+        """One 408 went out: counted in /metrics (HTTP/2's are counted by app.py)."""
+        if self.limits is not None and self.limits.metrics is not None:
+            self.limits.metrics.request_timeouts.labels(part=part).inc()
 
     async def _maybe_recycle(self) -> None:
         # Run when a response ends, in the application's task.  When the

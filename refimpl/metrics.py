@@ -40,6 +40,9 @@ Names (public: DESIGN §2, the example dashboard, lesson 14's notebook):
     message payloads sent (headers and framing not counted): see :func:`count_sent`
 ``refimpl_resumes_total{where}``, ``refimpl_resume_logs``  resumable streams
     (lesson 11): ``local`` when the log was in this process, ``mirror`` through Redis
+``refimpl_request_timeouts_total{part}``, ``refimpl_refused_connections_total``
+    slow and half-sent requests (lesson 14): the 408s, ``headers`` or ``body``,
+    and the connections over ``--max-connections-per-client``, closed unread
 
 ``protocol`` is ``Generation.protocol``: ``sse``, ``http`` (not streamed),
 ``websocket``, ``grpc`` (gRPC, gRPC-Web and Connect alike).
@@ -144,6 +147,19 @@ class Metrics:
             registry=r,
         )
         self.paused.set_function(lambda: sum(1 for flow in self.flows if flow.held_back()))
+
+        # Slow and half-sent requests, connections per address (hypercorn_limits.py, lesson 14).
+        self.request_timeouts = Counter(
+            "refimpl_request_timeouts",
+            "Requests answered 408: their headers or body did not arrive in time, by part.",
+            ["part"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "refimpl_refused_connections",
+            "Connections closed at once, unread: over --max-connections-per-client.",
+            registry=r,
+        )
 
         self.resumes = Counter(
             "refimpl_resumes",

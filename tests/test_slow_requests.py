@@ -66,6 +66,11 @@ def one_response(raw: bytes) -> tuple[int, dict[str, str], dict]:
     return int(lines[0].split()[1]), headers, json.loads(body)
 
 
+def counted(server: Server, name: str, **labels: str) -> float:
+    """A counter's value in the server's /metrics registry."""
+    return server.engine.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def assert_request_timeout(error: dict, part: str) -> None:
     assert error["error"]["type"] == "invalid_request_error"  # the client's fault
     assert error["error"]["code"] == "request_timeout"
@@ -95,6 +100,7 @@ async def test_headers_trickled_byte_by_byte_then_stopped_get_408_and_close(star
             status, headers, error = one_response(await read_to_eof(stream))
         assert (status, headers["connection"]) == (408, "close")
         assert_request_timeout(error, "headers")
+    assert counted(server, "refimpl_request_timeouts_total", part="headers") == 2
 
 
 async def test_a_body_that_stops_half_way_gets_408_and_the_connection_closes(start_server):
@@ -110,6 +116,8 @@ async def test_a_body_that_stops_half_way_gets_408_and_the_connection_closes(sta
         assert (status, headers["connection"]) == (408, "close")
         assert_request_timeout(error, "body")
     assert not server.engine.active
+    # One 408 per request, counted (/metrics), however many timers raced to send it.
+    assert counted(server, "refimpl_request_timeouts_total", part="body") == 2
 
 
 async def test_an_idle_keep_alive_connection_and_a_steady_upload_are_fine(start_server, client):
@@ -216,6 +224,7 @@ async def test_the_connection_past_the_cap_is_closed_before_a_byte_is_read(start
         assert await read_to_eof(fourth) == b""  # closed, nothing sent
     limits = server.app.extensions["refimpl.connection_limits"]
     assert limits.refused == 1 and limits.open["127.0.0.1"] == 3
+    assert counted(server, "refimpl_refused_connections_total") == 1
     await held.pop().aclose()
     # The freed slot is taken by the next connection, as soon as the server
     # has seen the close (each try is a round trip through it, not a sleep).
