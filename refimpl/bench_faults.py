@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ import trio
 
 from . import bench_fault_clients as clients
 from .bench_client import load_processes
+from .bench_knobs import add_knobs, knobs_from
+from .bench_knobs import command_line as knob_line
 from .bench_report import environment, ms, percentile, write_results
 from .benchload import Plan as LoadPlan
 from .benchload import cpu_seconds, free_port, server_command, stop, wait_until_up
@@ -85,7 +87,7 @@ HELP = {
     "drip": "seconds between two bytes of a slowloris",
     "header_timeout": "the server's --header-timeout",
     "body_timeout": "the server's --body-timeout",
-    "keep_alive_timeout": "the server's --keep-alive-timeout (5: hypercorn's own, which loses pooled POSTs)",
+    "keep_alive_timeout": "the server's --keep-alive-timeout; 5, hypercorn's own, loses pooled POSTs",
 }
 
 
@@ -232,10 +234,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "faults", help="many misbehaving clients against one server: the invariants (lesson 14)"
     )
-    for f in fields(Plan):
-        p.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), help=f"{HELP[f.name]} ({f.default:g})"
-        )
+    add_knobs(p, Plan, HELP)
     p.add_argument("--quick", action="store_true", help="the CI-sized run: " + command_line(QUICK)[21:])
     p.add_argument("--out", type=Path, default=Path("bench-results/faults"), help="the results folder")
     p.add_argument("--write-lesson", action="store_true", help=f"also write {LESSON_DATA.name} for lesson 14")
@@ -246,9 +245,7 @@ QUICK = Plan(clients=60, seconds=4.0, tokens=20, itl_ms=5.0, drip=0.2, header_ti
 
 
 def command_line(plan: Plan) -> str:
-    return "refimpl bench faults " + " ".join(
-        f"--{f.name.replace('_', '-')} {getattr(plan, f.name):g}" for f in fields(Plan)
-    )
+    return knob_line("faults", plan)
 
 
 def server_flags(plan: Plan) -> list[str]:
@@ -325,8 +322,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    base = asdict(QUICK if args.quick else Plan())
-    plan = Plan(**{k: d if getattr(args, k) is None else getattr(args, k) for k, d in base.items()})
+    plan = knobs_from(args, QUICK)
     if plan.clients < len(clients.KINDS) or plan.seconds <= max(plan.header_timeout, plan.body_timeout) + 1:
         raise SystemExit(
             f"need --clients >= {len(clients.KINDS)} (one of each kind), and --seconds longer than"

@@ -54,7 +54,7 @@ import itertools
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,8 @@ import coredis
 import httpx
 import trio
 
+from .bench_knobs import add_knobs, knobs_from
+from .bench_knobs import command_line as knob_line
 from .bench_report import environment, ms, percentile, write_results
 from .bench_resume_client import CHAT, Stream, chat, posts, read, refimpl_servers, resume
 from .bench_resume_report import COLUMNS, markdown_table, write_lesson
@@ -96,10 +98,7 @@ QUICK = Settings(streams=4, tokens=30, itl_ms=10.0, kept=20, kept_tokens=30, res
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("resume", help="what resumable streams cost, in memory and through Redis (lesson 11)")
-    for f in fields(Settings):
-        p.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), help=f"{HELP[f.name]} ({f.default:g})"
-        )
+    add_knobs(p, Settings, HELP)
     p.add_argument("--quick", action="store_true", help="a run of a few seconds: " + command_line(QUICK)[21:])
     p.add_argument("--out", type=Path, default=Path("bench-results/resume"), help="the results folder")
     p.add_argument(
@@ -111,10 +110,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def settings(args: argparse.Namespace) -> Settings:
-    base = asdict(QUICK if args.quick else Settings())
-    s = Settings(
-        **{k: default if getattr(args, k) is None else getattr(args, k) for k, default in base.items()}
-    )
+    s = knobs_from(args, QUICK)
     if min(s.streams, s.tokens, s.kept, s.kept_tokens, s.resumes) < 1 or s.itl_ms <= 0:
         raise SystemExit("need every count >= 1 and --itl-ms > 0")
     if s.kept > 200 or s.kept_tokens > 250 or s.resumes > s.kept or s.streams > 500:
@@ -123,8 +119,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def command_line(s: Settings) -> str:
-    knobs = (f"--{f.name.replace('_', '-')} {getattr(s, f.name):g}" for f in fields(Settings))
-    return "refimpl bench resume " + " ".join(knobs)
+    return knob_line("resume", s)
 
 
 # -- the phases (the module header) -------------------------------------------------------------
